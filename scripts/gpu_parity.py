@@ -33,10 +33,22 @@ CHECKPOINTS = {
              moe_intermediate_size=256, moe_num_shared_experts=2),
     ),
 }
+EAGER = {"enforce_eager": True}
+# name: (environment, vllm.LLM kwargs). Eager mode unless named "-graphs": parity is about
+# the math, and eager saves a compile per engine.
 ENGINES = {
-    "plugin": {},
-    "plugin-reference-router": {"VLLM_ERNIE45_ROUTER": "torch", "VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0"},
-    "intree": {"VLLM_PLUGINS": ""},
+    "plugin": ({}, EAGER),
+    "plugin-reference-router": (
+        {"VLLM_ERNIE45_ROUTER": "torch", "VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0",
+         "VLLM_ERNIE45_SMALL_BATCH_MOE": "0"},
+        EAGER,
+    ),
+    # GEMV expert kernels forced on; at most 2 sequences per step, so every decode step
+    # takes the GEMV path (the result reports gemv_used).
+    "plugin-gemv": ({"VLLM_ERNIE45_SMALL_BATCH_MOE": "1"}, {**EAGER, "max_num_seqs": 2}),
+    "plugin-gemv-graphs": ({"VLLM_ERNIE45_SMALL_BATCH_MOE": "1"}, {"enforce_eager": False, "max_num_seqs": 2}),
+    "plugin-fp8": ({}, {**EAGER, "quantization": "fp8"}),
+    "intree": ({"VLLM_PLUGINS": ""}, EAGER),
 }
 
 
@@ -52,28 +64,37 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/gpu_parity.json")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--runs", default=",".join(f"{c}:{e}" for c in CHECKPOINTS for e in ("plugin", "plugin-reference-router", "intree")),
+                        help="checkpoint:engine pairs, comma-separated")
     args = parser.parse_args(argv)
+    wanted = [tuple(r.split(":")) for r in args.runs.split(",") if r]
     work = Path(tempfile.mkdtemp(prefix="ernie-gpu-parity-"))
     report: dict = {}
     for ck, (variant, dtype, overrides) in CHECKPOINTS.items():
+        engines = [e for c, e in wanted if c == ck]
+        if not engines:
+            continue
         model = make_tiny_checkpoint(work / ck, variant, dtype=dtype, with_tokenizer=False, **overrides)
         runs = {}
-        for engine, env in ENGINES.items():
+        for engine in engines:
+            env, vllm_args = ENGINES[engine]
             out = work / f"{ck}.{engine}.json"
-            # Eager mode: parity is about the math, and it saves a compile per engine.
             _run(["--engine", "vllm", "--model", str(model), "--out", str(out), "--dtype", dtype,
-                  "--max-tokens", str(args.max_tokens), "--vllm-args", '{"enforce_eager": true}'], env)
+                  "--max-tokens", str(args.max_tokens), "--vllm-args", json.dumps(vllm_args)], env)
             ref = work / f"{ck}.{engine}.hf.json"
             _run(["--engine", "hf", "--model", str(model), "--out", str(ref), "--dtype", dtype,
                   "--device", "cuda", "--max-tokens", str(args.max_tokens), "--track", str(out)], {})
             runs[engine] = json.loads(out.read_text())
             cmp = compare(runs[engine], json.loads(ref.read_text()))
             report[f"{ck} {engine} vs hf"] = {**cmp.__dict__, "model_class": runs[engine].get("model_class"),
-                                             "fused_shared": runs[engine].get("fused_shared")}
-            print(f"{ck:10s} {engine:24s} vs HF      : {cmp.summary()}", flush=True)
-        cmp = compare(runs["plugin"], runs["intree"])
-        report[f"{ck} plugin vs intree"] = cmp.__dict__
-        print(f"{ck:10s} plugin vs in-tree (tokens; logprobs where both report): {cmp.summary()}")
+                                             "fused_shared": runs[engine].get("fused_shared"),
+                                             "gemv_used": runs[engine].get("gemv_used")}
+            print(f"{ck:10s} {engine:24s} vs HF      : {cmp.summary()}  gemv_used={runs[engine].get('gemv_used')}", flush=True)
+        for other in [e for e in runs if e != "plugin"]:
+            if "plugin" in runs:
+                cmp = compare(runs[other], runs["plugin"])
+                report[f"{ck} {other} vs plugin"] = cmp.__dict__
+                print(f"{ck:10s} {other} vs plugin (tokens; logprobs where both report): {cmp.summary()}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     return 0
