@@ -226,10 +226,16 @@ def tune_triton(p: Problem, tokens_list: list[int], layers: int, reps: int, proc
     t0 = time.time()
     warm("triton", (p.E, p.top_k, p.H, p.N, 64), [(t, json.loads(c)) for t, c in jobs], procs)
     log(f"  compiled {len(jobs)} fused-MoE (size, config) pairs in {time.time() - t0:.0f} s")
+    from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
+
     for tokens in tokens_list:
         p.resize(tokens)
-        default_us = time_us(lambda i: run_fused(p, i, None), layers, reps, tokens)
-        results = []
+        # What runs today (a shipped table's entry or vLLM's default) stays a candidate, so
+        # the written table is never slower than it at a tuned size.
+        current = dict(try_get_optimal_moe_config(p.w13[0].shape, p.w2[0].shape, p.top_k, None, tokens))
+        current.pop("SPLIT_K", None)
+        default_us = time_us(lambda i: run_fused(p, i, current), layers, reps, tokens)
+        results = [(default_us, current)]
         for cfg in triton_space(tokens):
             try:
                 us = time_us(lambda i: run_fused(p, i, cfg), layers, max(5, reps // 2), tokens)
@@ -294,8 +300,9 @@ def tune_gemv(p: Problem, tokens_list: list[int], layers: int, reps: int, procs:
     return out
 
 
-def weight_bytes(E_top_k: int, H: int, N: int, tokens: int, E: int) -> float:
-    experts_touched = min(E, tokens * E_top_k)  # upper bound on distinct experts read
+def weight_bytes(top_k: int, H: int, N: int, tokens: int, E: int) -> float:
+    shared = 2 if E == 66 else 0
+    experts_touched = min(E, tokens * (top_k - shared) + shared)  # upper bound on distinct experts
     return experts_touched * 3 * H * N * 2
 
 
@@ -334,43 +341,52 @@ def main() -> None:
     device = compat.device_name_for_configs()
     log(f"GPU {torch.cuda.get_device_name()} -> config name {device}; triton {triton.__version__}")
     summary = {"device": device, "shapes": {}}
+    tables: dict[str, dict] = {}
     for shape in args.shapes.split(","):
         E, top_k = map(int, shape.split(":"))
         log(f"E={E} top_k={top_k} H={args.hidden} N={args.inter}")
         p = Problem(E, top_k, args.hidden, args.inter, 1, args.layers, torch.bfloat16)
-        gemv = tune_gemv(p, [int(t) for t in args.gemv_tokens.split(",")], args.layers, args.reps, args.procs, log)
+        gemv_tokens = [int(t) for t in args.gemv_tokens.split(",") if t]
+        gemv = tune_gemv(p, gemv_tokens, args.layers, args.reps, args.procs, log) if gemv_tokens else {}
         if args.skip_triton:
             fused = {}
             for t in gemv:
                 p.resize(t)
                 fused[t] = {"tuned_us": graph_time_us(lambda i: run_fused(p, i, None), args.layers, args.reps)}
-            tuned = None
         else:
-            tuned, fused = tune_triton(p, [int(t) for t in args.triton_tokens.split(",")], args.layers, args.reps, args.procs, log)
-            name = f"E={E},N={args.inter},device_name={device}.json"
-            (out_dir / name).write_text(
-                json.dumps({"triton_version": triton.__version__, **{str(k): v for k, v in tuned.items()}}, indent=2) + "\n"
+            tuned, fused = tune_triton(
+                p, [int(t) for t in args.triton_tokens.split(",")], args.layers, args.reps, args.procs, log
             )
-            log(f"  wrote {name}")
-        # GEMV up to the largest size from 1 where it beats the (tuned) fused call by >= 3 %.
-        max_tokens = 0
-        for t in sorted(gemv):
-            if t in fused and gemv[t]["total_us"] < 0.97 * fused[t]["tuned_us"]:
-                max_tokens = t
-            else:
-                break
-        for t in sorted(gemv):
-            if t in fused:
-                gb = weight_bytes(top_k, args.hidden, args.inter, t, E) / 1e9
-                log(
-                    f"  M={t}: GEMV {gemv[t]['total_us']:.1f} us ({gb / gemv[t]['total_us'] * 1e6:.0f} GB/s) "
-                    f"vs fused {fused[t]['tuned_us']:.1f} us ({gb / fused[t]['tuned_us'] * 1e6:.0f} GB/s)"
-                )
-        table = {"max_tokens": max_tokens, **{str(t): v["config"] for t, v in gemv.items() if t <= max(max_tokens, 1)}}
-        gname = f"gemv,E={E},N={args.inter},H={args.hidden},device_name={device}.json"
-        (out_dir / gname).write_text(json.dumps(table, indent=2) + "\n")
-        log(f"  GEMV path up to {max_tokens} tokens; wrote {gname}")
-        summary["shapes"][shape] = {"gemv": gemv, "fused": {str(k): v for k, v in fused.items()}, "max_tokens": max_tokens}
+            name = f"E={E},N={args.inter},device_name={device}.json"
+            tables[name] = {"triton_version": triton.__version__, **{str(k): v for k, v in tuned.items()}}
+        entry = {"fused": {str(k): v for k, v in fused.items()}}
+        if gemv:
+            # GEMV up to the largest size from 1 where it beats the (tuned) fused call by >= 3 %.
+            max_tokens = 0
+            for t in sorted(gemv):
+                if t in fused and gemv[t]["total_us"] < 0.97 * fused[t]["tuned_us"]:
+                    max_tokens = t
+                else:
+                    break
+            for t in sorted(gemv):
+                if t in fused:
+                    gb = weight_bytes(top_k, args.hidden, args.inter, t, E) / 1e9
+                    log(
+                        f"  M={t}: GEMV {gemv[t]['total_us']:.1f} us ({gb / gemv[t]['total_us'] * 1e6:.0f} GB/s) "
+                        f"vs fused {fused[t]['tuned_us']:.1f} us ({gb / fused[t]['tuned_us'] * 1e6:.0f} GB/s)"
+                    )
+            gname = f"gemv,E={E},N={args.inter},H={args.hidden},device_name={device}.json"
+            tables[gname] = {
+                "max_tokens": max_tokens,
+                **{str(t): v["config"] for t, v in gemv.items() if t <= max(max_tokens, 1)},
+            }
+            log(f"  GEMV path up to {max_tokens} tokens")
+            entry.update(gemv=gemv, max_tokens=max_tokens)
+        summary["shapes"][shape] = entry
+        for name, table in tables.items():
+            (out_dir / name).write_text(json.dumps(table, indent=2) + "\n")
+        # One file with a plain name holding every table (names with '=' and ',' may not travel).
+        (out_dir / "tables.json").write_text(json.dumps(tables, indent=2) + "\n")
         del p
         torch.cuda.empty_cache()
     (out_dir / "tune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
