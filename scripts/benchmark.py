@@ -38,8 +38,6 @@ IMPLS = {
     "plugin": {},
     "plugin-torchrouter": {"VLLM_ERNIE45_ROUTER": "torch"},
     "plugin-unfused": {"VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0"},
-    "plugin-nogemv": {"VLLM_ERNIE45_SMALL_BATCH_MOE": "0"},
-    "plugin-gemv": {"VLLM_ERNIE45_SMALL_BATCH_MOE": "1"},
     "plugin-baseline": {"VLLM_ERNIE45_ROUTER": "torch", "VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0"},
 }
 SCENARIOS = ("startup", "bs1", "bs32", "bs1000", "prefill")

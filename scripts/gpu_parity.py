@@ -34,19 +34,14 @@ CHECKPOINTS = {
     ),
 }
 EAGER = {"enforce_eager": True}
-# name: (environment, vllm.LLM kwargs). Eager mode unless named "-graphs": parity is about
-# the math, and eager saves a compile per engine.
+# name: (environment, vllm.LLM kwargs). Eager mode: parity is about the math, and eager
+# saves a compile per engine.
 ENGINES = {
     "plugin": ({}, EAGER),
     "plugin-reference-router": (
-        {"VLLM_ERNIE45_ROUTER": "torch", "VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0",
-         "VLLM_ERNIE45_SMALL_BATCH_MOE": "0"},
+        {"VLLM_ERNIE45_ROUTER": "torch", "VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0"},
         EAGER,
     ),
-    # GEMV expert kernels forced on; at most 2 sequences per step, so every decode step
-    # takes the GEMV path (the result reports gemv_used).
-    "plugin-gemv": ({"VLLM_ERNIE45_SMALL_BATCH_MOE": "1"}, {**EAGER, "max_num_seqs": 2}),
-    "plugin-gemv-graphs": ({"VLLM_ERNIE45_SMALL_BATCH_MOE": "1"}, {"enforce_eager": False, "max_num_seqs": 2}),
     "plugin-fp8": ({}, {**EAGER, "quantization": "fp8"}),
     "intree": ({"VLLM_PLUGINS": ""}, EAGER),
 }
@@ -87,9 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             runs[engine] = json.loads(out.read_text())
             cmp = compare(runs[engine], json.loads(ref.read_text()))
             report[f"{ck} {engine} vs hf"] = {**cmp.__dict__, "model_class": runs[engine].get("model_class"),
-                                             "fused_shared": runs[engine].get("fused_shared"),
-                                             "gemv_used": runs[engine].get("gemv_used")}
-            print(f"{ck:10s} {engine:24s} vs HF      : {cmp.summary()}  gemv_used={runs[engine].get('gemv_used')}", flush=True)
+                                             "fused_shared": runs[engine].get("fused_shared")}
+            print(f"{ck:10s} {engine:24s} vs HF      : {cmp.summary()}", flush=True)
         for other in [e for e in runs if e != "plugin"]:
             if "plugin" in runs:
                 cmp = compare(runs[other], runs["plugin"])

@@ -1,18 +1,20 @@
-"""Tune the plugin's MoE kernels for ERNIE's expert shapes on this GPU (CUDA; vLLM installed).
+"""Tune vLLM's fused-MoE Triton configs for ERNIE's expert shapes on this GPU (CUDA; vLLM installed).
 
-Writes, into ``--out`` (copy them to ``vllm_ernie45/moe_configs/`` to ship them):
+Writes ``E={E},N={N},device_name={GPU}.json`` per shape into ``--out`` (the format vLLM
+reads through ``VLLM_TUNED_CONFIG_FOLDER``; the plugin points that at
+``vllm_ernie45/moe_configs/``, where the tables are shipped), plus ``tables.json`` (all
+tables under one plain file name), ``tune_log.txt`` and ``tune_summary.json``.
 
-* ``E={E},N={N},device_name={GPU}.json`` -- vLLM's fused-MoE Triton configs per token count,
-  the format vLLM reads through ``VLLM_TUNED_CONFIG_FOLDER``;
-* ``gemv,E={E},N={N},H={H},device_name={GPU}.json`` -- block sizes of the plugin's GEMV
-  expert kernels per token count, and ``max_tokens``: up to which count they beat the
-  tuned fused-MoE call (0: never).
+Shapes: ``66:8`` is the plugin's GPU default (64 routed experts, top-6, plus the 2 shared
+experts fused in as always-selected experts); ``64:6`` is the unfused layout (expert
+parallelism, EPLB, ``VLLM_ERNIE45_FUSE_SHARED_EXPERTS=0``) and the in-tree model's.
 
-Every candidate is timed the way a decode step runs it: captured in a CUDA graph, over
-``--layers`` distinct weight sets (so the L2 cache holds no layer's experts for the next),
-median of ``--reps`` replays. Kernels are compiled first by a pool of processes (Triton's
-disk cache), so the timing process only loads them. The GEMV kernels are checked against
-an fp32 reference before timing.
+For each token count the config that runs today (a shipped table's entry or vLLM's
+default) is a candidate beside the search space, so a written entry is never slower than
+it at that size. Candidates are timed the way vLLM runs them: decode-sized calls captured
+in a CUDA graph, over ``--layers`` distinct weight sets (so the L2 cache holds no layer's
+experts for the next), median of ``--reps`` replays; the five fastest are re-timed before
+one is picked. Kernels are compiled first by a pool of processes into Triton's disk cache.
 
     python scripts/tune_moe.py --shapes 66:8,64:6 --out out/tuned
 """
@@ -31,25 +33,10 @@ from pathlib import Path
 
 import torch
 
-GEMV_TOKENS = [1, 2, 4, 8]
 TRITON_TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048, 4096, 8192]
 
 
 # ----------------------------------------------------------------------------- search spaces
-
-
-def gemv_kernel1_space() -> list[dict]:
-    return [
-        dict(block_n=bn, block_k=bk, warps_1=w, stages_1=s)
-        for bn, bk, w, s in itertools.product([8, 16, 32], [128, 256, 512], [4, 8], [2, 3, 4])
-    ]
-
-
-def gemv_kernel2_space() -> list[dict]:
-    return [
-        dict(block_h=bh, block_n2=bn, warps_2=w, stages_2=s)
-        for bh, bn, w, s in itertools.product([4, 8, 16, 32], [128, 256, 512], [4, 8], [2, 3, 4])
-    ]
 
 
 def triton_space(tokens: int) -> list[dict]:
@@ -79,24 +66,14 @@ class Problem:
         gen = torch.Generator(device="cuda").manual_seed(seed)
         self.w13 = [(torch.randn(E, 2 * N, H, device="cuda", generator=gen, dtype=dtype) / H**0.5) for _ in range(layers)]
         self.w2 = [(torch.randn(E, H, N, device="cuda", generator=gen, dtype=dtype) / N**0.5) for _ in range(layers)]
-        self.x = torch.randn(tokens, H, device="cuda", generator=gen, dtype=dtype)
-        shared = 2 if E == 66 else 0
-        routed = top_k - shared
-        ids = []
-        for _ in range(tokens):
-            pick = torch.randperm(E - shared, device="cuda", generator=gen)[:routed]
-            ids.append(torch.cat([pick, torch.arange(E - shared, E, device="cuda")]))
-        self.ids = torch.stack(ids).to(torch.int32)
-        self.weights = torch.rand(tokens, top_k, device="cuda", generator=gen)
-        self.weights[:, routed:] = 1.0
-        self.act = torch.empty(tokens * top_k, N, device="cuda", dtype=dtype)
-        self.out = torch.empty(tokens, H, device="cuda", dtype=dtype)
-        self.E, self.top_k, self.H, self.N, self.tokens = E, top_k, H, N, tokens
+        self.E, self.top_k, self.H, self.N, self.dtype = E, top_k, H, N, dtype
+        self.resize(tokens, seed)
 
     def resize(self, tokens: int, seed: int = 1) -> None:
-        """Same weights, a new batch of ``tokens``."""
+        """Same weights, a new batch of ``tokens`` (each with distinct routed experts, and the
+        shared ones last with weight 1 when E = 66)."""
         gen = torch.Generator(device="cuda").manual_seed(seed + tokens)
-        self.x = torch.randn(tokens, self.H, device="cuda", generator=gen, dtype=self.x.dtype)
+        self.x = torch.randn(tokens, self.H, device="cuda", generator=gen, dtype=self.dtype)
         shared = 2 if self.E == 66 else 0
         routed = self.top_k - shared
         ids = []
@@ -106,8 +83,6 @@ class Problem:
         self.ids = torch.stack(ids).to(torch.int32)
         self.weights = torch.rand(tokens, self.top_k, device="cuda", generator=gen)
         self.weights[:, routed:] = 1.0
-        self.act = torch.empty(tokens * self.top_k, self.N, device="cuda", dtype=self.x.dtype)
-        self.out = torch.empty(tokens, self.H, device="cuda", dtype=self.x.dtype)
         self.tokens = tokens
 
 
@@ -177,23 +152,12 @@ def _warm_worker(job: tuple) -> int:
     torch.cuda.set_device(0)
     E, top_k, H, N, tokens = shape
     p = Problem(E, top_k, H, N, tokens, layers=1, dtype=torch.bfloat16)
-    from vllm_ernie45.moe_gemv import GemvConfig, launch_down_sum, launch_gate_up_act
-
     done = 0
-    for item in configs:
-        if kind == "triton":
-            tokens, cfg = item
-            if tokens != p.tokens:
-                p.resize(tokens)
-        else:
-            cfg = item
+    for tokens, cfg in configs:
+        if tokens != p.tokens:
+            p.resize(tokens)
         try:
-            if kind == "triton":
-                run_fused(p, 0, cfg)
-            elif kind == "gemv1":
-                launch_gate_up_act(p.x, p.w13[0], p.ids, p.act, GemvConfig(**cfg))
-            else:
-                launch_down_sum(p.act, p.w2[0], p.ids, p.weights, p.out, GemvConfig(**cfg))
+            run_fused(p, 0, cfg)
             done += 1
         except Exception:  # out of resources etc.: skipped in the timing pass as well
             pass
@@ -255,51 +219,6 @@ def tune_triton(p: Problem, tokens_list: list[int], layers: int, reps: int, proc
     return best, times
 
 
-def check_gemv(p: Problem) -> float:
-    from vllm_ernie45.moe_gemv import GemvConfig, gemv_experts, reference_experts
-
-    out = gemv_experts(p.x, p.w13[0], p.w2[0], p.weights, p.ids, GemvConfig())
-    ref = reference_experts(p.x, p.w13[0], p.w2[0], p.weights, p.ids)
-    return float((out.float() - ref.float()).norm() / ref.float().norm())
-
-
-def tune_gemv(p: Problem, tokens_list: list[int], layers: int, reps: int, procs: int, log) -> dict:
-    from vllm_ernie45.moe_gemv import GemvConfig, launch_down_sum, launch_gate_up_act
-
-    t0 = time.time()
-    warm("gemv1", (p.E, p.top_k, p.H, p.N, 1), gemv_kernel1_space(), procs)
-    warm("gemv2", (p.E, p.top_k, p.H, p.N, 1), gemv_kernel2_space(), procs)
-    log(f"  compiled GEMV kernels in {time.time() - t0:.0f} s")
-    out: dict[int, dict] = {}
-    for tokens in tokens_list:
-        p.resize(tokens)
-        err = check_gemv(p)
-        if not err < 1e-2:
-            raise SystemExit(f"GEMV kernels wrong at {tokens} tokens: relative error {err}")
-        k1 = []
-        for cfg in gemv_kernel1_space():
-            c = GemvConfig(**cfg)
-            try:
-                k1.append((graph_time_us(lambda i: launch_gate_up_act(p.x, p.w13[i], p.ids, p.act, c), layers, reps), cfg))
-            except Exception:
-                continue
-        k2 = []
-        for cfg in gemv_kernel2_space():
-            c = GemvConfig(**cfg)
-            try:
-                k2.append((graph_time_us(lambda i: launch_down_sum(p.act, p.w2[i], p.ids, p.weights, p.out, c), layers, reps), cfg))
-            except Exception:
-                continue
-        (t1, c1), (t2, c2) = min(k1, key=lambda r: r[0]), min(k2, key=lambda r: r[0])
-        cfg = GemvConfig(**c1, **c2)
-        from vllm_ernie45.moe_gemv import gemv_experts
-
-        total = graph_time_us(lambda i: gemv_experts(p.x, p.w13[i], p.w2[i], p.weights, p.ids, cfg), layers, reps)
-        out[tokens] = {"config": {**c1, **c2}, "gate_up_us": t1, "down_us": t2, "total_us": total, "rel_err": err}
-        log(f"  M={tokens:3d}  GEMV total {total:7.1f} us (gate_up {t1:6.1f}, down {t2:6.1f})  err {err:.1e}  {c1} {c2}")
-    return out
-
-
 def weight_bytes(top_k: int, H: int, N: int, tokens: int, E: int) -> float:
     shared = 2 if E == 66 else 0
     experts_touched = min(E, tokens * (top_k - shared) + shared)  # upper bound on distinct experts
@@ -315,12 +234,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--procs", type=int, default=12, help="compile processes")
     ap.add_argument("--triton-tokens", default=",".join(map(str, TRITON_TOKENS)))
-    ap.add_argument("--gemv-tokens", default=",".join(map(str, GEMV_TOKENS)))
-    ap.add_argument("--skip-triton", action="store_true", help="GEMV only; compare with the current fused-MoE configs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    os.environ.setdefault("VLLM_ERNIE45_SMALL_BATCH_MOE", "0")
     root = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(root))
     # "current" = what the plugin runs today: its shipped tables first, then vLLM's.
@@ -346,42 +262,15 @@ def main() -> None:
         E, top_k = map(int, shape.split(":"))
         log(f"E={E} top_k={top_k} H={args.hidden} N={args.inter}")
         p = Problem(E, top_k, args.hidden, args.inter, 1, args.layers, torch.bfloat16)
-        gemv_tokens = [int(t) for t in args.gemv_tokens.split(",") if t]
-        gemv = tune_gemv(p, gemv_tokens, args.layers, args.reps, args.procs, log) if gemv_tokens else {}
-        if args.skip_triton:
-            fused = {}
-            for t in gemv:
-                p.resize(t)
-                fused[t] = {"tuned_us": graph_time_us(lambda i: run_fused(p, i, None), args.layers, args.reps)}
-        else:
-            tuned, fused = tune_triton(
-                p, [int(t) for t in args.triton_tokens.split(",")], args.layers, args.reps, args.procs, log
-            )
-            name = f"E={E},N={args.inter},device_name={device}.json"
-            tables[name] = {"triton_version": triton.__version__, **{str(k): v for k, v in tuned.items()}}
+        tuned, fused = tune_triton(
+            p, [int(t) for t in args.triton_tokens.split(",")], args.layers, args.reps, args.procs, log
+        )
+        name = f"E={E},N={args.inter},device_name={device}.json"
+        tables[name] = {"triton_version": triton.__version__, **{str(k): v for k, v in tuned.items()}}
         entry = {"fused": {str(k): v for k, v in fused.items()}}
-        if gemv:
-            # GEMV up to the largest size from 1 where it beats the (tuned) fused call by >= 3 %.
-            max_tokens = 0
-            for t in sorted(gemv):
-                if t in fused and gemv[t]["total_us"] < 0.97 * fused[t]["tuned_us"]:
-                    max_tokens = t
-                else:
-                    break
-            for t in sorted(gemv):
-                if t in fused:
-                    gb = weight_bytes(top_k, args.hidden, args.inter, t, E) / 1e9
-                    log(
-                        f"  M={t}: GEMV {gemv[t]['total_us']:.1f} us ({gb / gemv[t]['total_us'] * 1e6:.0f} GB/s) "
-                        f"vs fused {fused[t]['tuned_us']:.1f} us ({gb / fused[t]['tuned_us'] * 1e6:.0f} GB/s)"
-                    )
-            gname = f"gemv,E={E},N={args.inter},H={args.hidden},device_name={device}.json"
-            tables[gname] = {
-                "max_tokens": max_tokens,
-                **{str(t): v["config"] for t, v in gemv.items() if t <= max(max_tokens, 1)},
-            }
-            log(f"  GEMV path up to {max_tokens} tokens")
-            entry.update(gemv=gemv, max_tokens=max_tokens)
+        for t, v in fused.items():
+            gb = weight_bytes(top_k, args.hidden, args.inter, t, E) / 1e9
+            v["weights_gb_per_s"] = round(gb / v["tuned_us"] * 1e6, 1)
         summary["shapes"][shape] = entry
         for name, table in tables.items():
             (out_dir / name).write_text(json.dumps(table, indent=2) + "\n")

@@ -53,23 +53,3 @@ def test_fused_shared_experts_match_hf(variant, tiny_checkpoint, tmp_path):
     assert result.tokens_equal, result.summary()
     assert result.max_logprob_diff < LOGPROB_TOL, result.summary()
     assert result.max_prompt_logprob_diff < LOGPROB_TOL, result.summary()
-
-
-def test_small_batch_custom_op_compiles_and_matches_hf(tiny_checkpoint, tmp_path):
-    """The per-call MoE custom op (GPU default where a tuned GEMV table exists) forced on:
-    it traces under torch.compile (not eager), finds its layer by name, and -- the CPU
-    backend re-packs expert weights, so the GEMV kernels refuse them -- falls back to vLLM's
-    fused MoE, with HF's tokens and logprobs. The GEMV kernels themselves are checked in
-    tests/test_moe_gemv.py (Triton interpreter) and on the GPU."""
-    model = tiny_checkpoint("21b")
-    got = run_vllm_greedy(
-        model, tmp_path / "vllm.json", max_tokens=8, top_k=5,
-        vllm_args={"enforce_eager": False}, env={"VLLM_ERNIE45_SMALL_BATCH_MOE": "1"},
-    )
-    assert got["small_batch_moe"] is True
-    assert got["gemv_used"] is False
-    ref = run_hf(str(model), default_prompts(1024), 8, 5, "float32", track=got)
-    result = compare(got, ref)
-    assert result.tokens_equal, result.summary()
-    assert result.max_logprob_diff < LOGPROB_TOL, result.summary()
-    assert result.max_prompt_logprob_diff < LOGPROB_TOL, result.summary()

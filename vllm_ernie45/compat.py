@@ -106,30 +106,6 @@ def initial_physical_to_logical(num_logical: int, num_redundant: int) -> list[in
     return [p % num_logical for p in range(num_logical + num_redundant)]
 
 
-def fused_moe_expert_weights(experts: Any) -> tuple[Any, Any]:
-    """``(w13_weight, w2_weight)`` of a fused-MoE layer: on the module itself (<= 0.25
-    style) or on the child that owns them (0.26+: ``MoERunner.routed_experts``)."""
-    found: dict[str, Any] = {}
-    for name, param in experts.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf in ("w13_weight", "w2_weight") and leaf not in found:
-            found[leaf] = param
-    return found.get("w13_weight"), found.get("w2_weight")
-
-
-def fused_moe_unquantized_backend(experts: Any) -> str | None:
-    """The name of the kernel backend vLLM picked for an unquantized fused-MoE layer
-    (``"TRITON"``, ``"CPU"``, ``"FlashInfer CUTLASS"``, ...), None for a quantized one.
-    Some backends re-lay out the expert weights after loading; callers that read the
-    weights directly must check this."""
-    for module in experts.modules():
-        method = getattr(module, "quant_method", None)
-        backend = getattr(method, "unquantized_backend", None)
-        if backend is not None:
-            return str(getattr(backend, "value", backend))
-    return None
-
-
 def device_name_for_configs() -> str:
     """The GPU's name as vLLM's tuned fused-MoE config files spell it (H200 family folded
     to ``NVIDIA_H200``, as vLLM 0.26-0.33 do)."""
@@ -137,33 +113,6 @@ def device_name_for_configs() -> str:
 
     name = get_device_name_as_file_name()
     return "NVIDIA_H200" if "H200" in name.split("_") else name
-
-
-def layer_name_op_arg() -> tuple[type, Any]:
-    """``(annotation, encode)`` for a layer-name argument of a custom op: vLLM's hoisted
-    ``LayerName`` opaque type where vLLM uses it (torch >= 2.11), so that layers differing
-    only in their name share one compiled graph piece; else a plain ``str``."""
-    from vllm.utils import torch_utils
-
-    if getattr(torch_utils, "_USE_LAYERNAME", False):
-        return torch_utils.LayerName, torch_utils.LayerName
-    return str, str
-
-
-def layer_name_value(name: Any) -> str:
-    """The string inside an encoded layer name (see :func:`layer_name_op_arg`)."""
-    from torch._library.fake_class_registry import FakeScriptObject
-
-    if isinstance(name, FakeScriptObject):
-        name = name.real_obj
-    return name if isinstance(name, str) else name.value
-
-
-def register_custom_op(name: str, func: Any, fake: Any, library: Any) -> None:
-    """vLLM's low-overhead custom-op registration (same helper in 0.26-0.33)."""
-    from vllm.utils.torch_utils import direct_register_custom_op
-
-    direct_register_custom_op(op_name=name, op_func=func, fake_impl=fake, target_lib=library)
 
 
 # ----------------------------------------------------------------------------- parsers

@@ -9,12 +9,6 @@
     ``auto`` (default): on CUDA, run shared experts inside the routed fused-MoE call as
     always-selected experts of weight 1 (not with expert parallelism / EPLB, nor with
     ``use_bias``); ``0``/``1`` force it off/on (on is still refused where it cannot apply).
-``VLLM_ERNIE45_SMALL_BATCH_MOE``
-    ``auto`` (default): on CUDA, run calls of few tokens through the GEMV expert kernels
-    (``vllm_ernie45.moe_gemv``) where a tuned table for this GPU and layer shape exists
-    (``vllm_ernie45.moe_small_batch``); ``0``: never; ``1``: also without a table (up
-    to 8 tokens, default block sizes). Never with quantization, expert parallelism, EPLB, data
-    parallelism or LoRA.
 """
 
 from __future__ import annotations
@@ -40,10 +34,3 @@ def fuse_shared_experts(is_cuda: bool) -> bool:
     if value not in ("auto", "0", "1"):
         raise ValueError(f"VLLM_ERNIE45_FUSE_SHARED_EXPERTS={value!r}; choose auto, 0 or 1")
     return is_cuda if value == "auto" else value == "1"
-
-
-def small_batch_moe() -> str:
-    value = os.environ.get("VLLM_ERNIE45_SMALL_BATCH_MOE", "auto").strip().lower() or "auto"
-    if value not in ("auto", "0", "1"):
-        raise ValueError(f"VLLM_ERNIE45_SMALL_BATCH_MOE={value!r}; choose auto, 0 or 1")
-    return value

@@ -17,7 +17,6 @@ from vllm.distributed import (
     get_ep_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
-    tensor_model_parallel_all_reduce,
 )
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
@@ -210,13 +209,6 @@ class ErnieMoE(nn.Module):
                 reduce_results=False,  # summed with the routed output, then reduced once
                 prefix=f"{prefix}.shared_experts",
             )
-        self.route = make_routing_function(
-            self.e_score_correction_bias,
-            arch.moe_norm_min,
-            backend=envs.router_backend(is_cuda),
-            num_shared=num_fused,
-        )
-        self.top_k = arch.top_k + num_fused
         self.experts = compat.fused_moe_factory()(
             num_experts=arch.num_experts + num_fused,
             top_k=arch.top_k + num_fused,
@@ -225,78 +217,24 @@ class ErnieMoE(nn.Module):
             renormalize=True,
             quant_config=quant_config,
             prefix=f"{prefix}.experts",
-            custom_routing_function=self.route,
+            custom_routing_function=make_routing_function(
+                self.e_score_correction_bias,
+                arch.moe_norm_min,
+                backend=envs.router_backend(is_cuda),
+                num_shared=num_fused,
+            ),
             enable_eplb=enable_eplb,
             num_redundant_experts=self.n_redundant_experts,
             shared_experts=self.shared_experts,
             router_logits_dtype=torch.float32,
         )
 
-        # Few-token calls: GEMV expert kernels, chosen per call inside one custom op.
-        self.layer_name = prefix
-        self.inter_per_rank = arch.moe_intermediate_size // tp_size
-        self.small_batch = None
-        self._gemv_weights: tuple | None | bool = False  # False: not looked up yet
-        if is_cuda or envs.small_batch_moe() == "1":
-            if small_batch_allowed(quant_config, parallel_config, enable_eplb, vllm_config):
-                from vllm_ernie45 import moe_small_batch
-
-                self.small_batch = moe_small_batch.load_plan(
-                    self.n_logical_experts, self.inter_per_rank, arch.hidden_size
-                )
-                if self.small_batch is not None:
-                    moe_small_batch.register_layer(prefix, self)
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         hidden_states = hidden_states.view(-1, shape[-1])
         router_logits, _ = self.gate(hidden_states.float())
-        if self.small_batch is not None:
-            from vllm_ernie45.moe_small_batch import moe_forward
-
-            out = moe_forward(hidden_states, router_logits, self.layer_name)
-        else:
-            out = self.experts(hidden_states=hidden_states, router_logits=router_logits)
+        out = self.experts(hidden_states=hidden_states, router_logits=router_logits)
         return out.view(shape)
-
-    def forward_impl(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """Runs eagerly inside ``torch.ops.vllm_ernie45.moe_forward`` with the real token count."""
-        tokens = hidden_states.shape[0]
-        if 0 < tokens <= self.small_batch.max_tokens:
-            weights = self._gemv_expert_weights()
-            if weights is not None:
-                return self._forward_gemv(hidden_states, router_logits, *weights)
-        return self.experts(hidden_states=hidden_states, router_logits=router_logits)
-
-    def _gemv_expert_weights(self) -> tuple | None:
-        if self._gemv_weights is False:  # after loading: the backend may re-lay them out
-            from vllm_ernie45.moe_small_batch import expert_weights_for_gemv
-
-            self._gemv_weights = expert_weights_for_gemv(
-                self.experts,
-                self.n_logical_experts,
-                self.inter_per_rank,
-                hidden_size=self.gate.weight.shape[1],
-            )
-        return self._gemv_weights
-
-    def _forward_gemv(
-        self,
-        hidden_states: torch.Tensor,
-        router_logits: torch.Tensor,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
-    ) -> torch.Tensor:
-        from vllm_ernie45.moe_gemv import gemv_experts
-
-        weights, ids = self.route(hidden_states, router_logits, self.top_k, True)
-        config = self.small_batch.config_for(hidden_states.shape[0])
-        out = gemv_experts(hidden_states, w13, w2, weights, ids, config)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(hidden_states)
-        if get_tensor_model_parallel_world_size() > 1:
-            out = tensor_model_parallel_all_reduce(out)
-        return out
 
 
 def shared_experts_fusable(arch: ErnieArch, parallel_config: Any, enable_eplb: bool) -> bool:
@@ -308,20 +246,6 @@ def shared_experts_fusable(arch: ErnieArch, parallel_config: Any, enable_eplb: b
         and not arch.use_bias
         and not enable_eplb
         and not getattr(parallel_config, "enable_expert_parallel", False)
-    )
-
-
-def small_batch_allowed(
-    quant_config: QuantizationConfig | None, parallel_config: Any, enable_eplb: bool, vllm_config: Any
-) -> bool:
-    """The GEMV path reads bf16/fp16 expert weights on this rank and reduces over tensor
-    parallelism only: not with quantization, expert/data parallelism, EPLB or LoRA."""
-    return (
-        quant_config is None
-        and not enable_eplb
-        and not getattr(parallel_config, "enable_expert_parallel", False)
-        and getattr(parallel_config, "data_parallel_size", 1) == 1
-        and getattr(vllm_config, "lora_config", None) is None
     )
 
 

@@ -39,14 +39,6 @@ def model_facts(model: Any) -> dict[str, Any]:
     return {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "fused_shared": any(getattr(getattr(l, "mlp", None), "fused_shared", False) for l in layers),
-        # The per-call custom op is in the graph (GEMV path possible for few tokens) ...
-        "small_batch_moe": any(getattr(getattr(l, "mlp", None), "small_batch", None) for l in layers),
-        # ... and, after a forward of few tokens, whether the GEMV kernels accepted the
-        # fused-MoE weights (None: not called yet or refused; see the INFO log line).
-        "gemv_used": any(
-            isinstance(getattr(getattr(l, "mlp", None), "_gemv_weights", None), tuple)
-            for l in layers
-        ),
     }
 
 
@@ -104,7 +96,6 @@ def run_vllm(
                 ],
             }
         )
-    facts["gemv_used"] = llm.apply_model(by_reference)[0]["gemv_used"]
     return {"engine": "vllm", **facts, "outputs": outputs}
 
 
