@@ -1,0 +1,79 @@
+"""The shipped fused-MoE tables (``vllm_ernie45/moe_configs``) are in the format vLLM reads,
+with tiles a Hopper GPU can run, are found by vLLM through ``register()``, and the tuner's
+search space stays within what it claims (``scripts/tune_moe.py``; runs on a GPU only)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "vllm_ernie45" / "moe_configs"
+TABLES = sorted(CONFIG_DIR.glob("E=*.json"))
+FIELDS = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages"}
+HOPPER_SMEM = 227 * 1024
+
+
+def _load_tuner():
+    spec = importlib.util.spec_from_file_location("tune_moe", ROOT / "scripts" / "tune_moe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tables_for_h100_and_h200_are_shipped():
+    names = {p.name for p in TABLES}
+    assert "E=66,N=1536,device_name=NVIDIA_H100_80GB_HBM3.json" in names
+    assert "E=66,N=1536,device_name=NVIDIA_H200.json" in names
+    assert "E=64,N=1536,device_name=NVIDIA_H200.json" in names
+
+
+@pytest.mark.parametrize("path", TABLES, ids=lambda p: p.name)
+def test_table_is_valid_vllm_format(path):
+    assert re.fullmatch(r"E=\d+,N=\d+,device_name=[A-Za-z0-9_]+\.json", path.name)
+    table = json.loads(path.read_text())
+    table.pop("triton_version", None)
+    sizes = [int(k) for k in table]  # vLLM does int(key) for every remaining key
+    assert sizes == sorted(sizes) and sizes[0] == 1 and sizes[-1] >= 4096
+    for size, config in table.items():
+        assert set(config) == FIELDS, (size, config)
+        for key in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
+            assert config[key] >= 16 and config[key] & (config[key] - 1) == 0, (size, config)
+        smem = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * 2
+        assert smem * config["num_stages"] <= HOPPER_SMEM, (size, config)
+        assert config["num_warps"] in (4, 8)
+
+
+def test_register_points_vllm_at_the_tables():
+    code = (
+        "import os; os.environ.pop('VLLM_TUNED_CONFIG_FOLDER', None)\n"
+        "import vllm_ernie45; vllm_ernie45.register()\n"
+        "print(os.environ['VLLM_TUNED_CONFIG_FOLDER'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_TUNED_CONFIG_FOLDER"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert Path(out.stdout.strip().splitlines()[-1]).resolve() == CONFIG_DIR.resolve()
+
+
+def test_tuner_search_space_fits_hopper_and_token_sizes():
+    tuner = _load_tuner()
+    for tokens in tuner.TRITON_TOKENS:
+        space = tuner.triton_space(tokens)
+        assert len(space) >= 40, tokens
+        for config in space:
+            assert set(config) == FIELDS
+            smem = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * 2
+            assert smem * config["num_stages"] <= HOPPER_SMEM
+        if tokens <= 16:  # decode sizes: no tile taller than needed
+            assert {c["BLOCK_SIZE_M"] for c in space} == {16}
+    # Weight bytes a call must stream: 8 experts of 3 x 2560 x 1536 bf16 at one token.
+    assert tuner.weight_bytes(8, 2560, 1536, 1, 66) == 8 * 3 * 2560 * 1536 * 2
+    assert tuner.weight_bytes(8, 2560, 1536, 1000, 66) == 66 * 3 * 2560 * 1536 * 2
