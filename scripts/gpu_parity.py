@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Parity on a GPU: the plugin (GPU defaults and the reference-router variant) and vLLM's
+"""Parity on a GPU: the plugin (GPU defaults, the reference-router variant, FP8) and vLLM's
 in-tree model vs HF transformers on the same GPU, on a tiny fp32 and a mid-size bf16 random
-checkpoint (random non-zero ``e_score_correction_bias``).
+checkpoint (random non-zero ``e_score_correction_bias``); every other engine also against
+the plugin's defaults.
 
 Every engine runs in its own process (``python -m vllm_ernie45.parity``); HF scores the
 exact token ids vLLM produced, so logprob differences compare like with like.
 
-    python scripts/gpu_parity.py --out out/gpu_parity.json
+    python scripts/gpu_parity.py --out out/gpu_parity.json            # plugin, reference router, in-tree
+    python scripts/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-fp8 --out out/fp8.json
 """
 
 from __future__ import annotations
