@@ -148,7 +148,7 @@ def run_fused(p: Problem, layer: int, config: dict | None):
 
 def _warm_worker(job: tuple) -> int:
     """Compile (into Triton's disk cache) every config of one job; runs in a pool process."""
-    kind, shape, configs = job
+    shape, configs = job
     torch.cuda.set_device(0)
     E, top_k, H, N, tokens = shape
     p = Problem(E, top_k, H, N, tokens, layers=1, dtype=torch.bfloat16)
@@ -165,12 +165,12 @@ def _warm_worker(job: tuple) -> int:
     return done
 
 
-def warm(kind: str, shape: tuple, configs: list[dict], procs: int) -> None:
+def warm(shape: tuple, configs: list[tuple[int, dict]], procs: int) -> None:
     if procs <= 1 or not configs:
         return
     chunks = [configs[i::procs] for i in range(procs)]
     with mp.get_context("spawn").Pool(procs) as pool:
-        pool.map(_warm_worker, [(kind, shape, c) for c in chunks if c])
+        pool.map(_warm_worker, [(shape, c) for c in chunks if c])
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -188,7 +188,7 @@ def tune_triton(p: Problem, tokens_list: list[int], layers: int, reps: int, proc
         {(representative(t), json.dumps(c, sort_keys=True)) for t in tokens_list for c in triton_space(t)}
     )
     t0 = time.time()
-    warm("triton", (p.E, p.top_k, p.H, p.N, 64), [(t, json.loads(c)) for t, c in jobs], procs)
+    warm((p.E, p.top_k, p.H, p.N, 64), [(t, json.loads(c)) for t, c in jobs], procs)
     log(f"  compiled {len(jobs)} fused-MoE (size, config) pairs in {time.time() - t0:.0f} s")
     from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
 
