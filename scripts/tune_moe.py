@@ -27,7 +27,6 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -59,6 +58,11 @@ def triton_space(tokens: int) -> list[dict]:
 # ----------------------------------------------------------------------------- problem set-up
 
 
+def fused_shared_slots(num_experts: int) -> int:
+    """Always-selected shared-expert slots in a shape: E=66 is 64 routed + 2 fused shared."""
+    return 2 if num_experts == 66 else 0
+
+
 class Problem:
     """``layers`` weight sets of one layer shape and a batch of routed tokens."""
 
@@ -74,7 +78,7 @@ class Problem:
         shared ones last with weight 1 when E = 66)."""
         gen = torch.Generator(device="cuda").manual_seed(seed + tokens)
         self.x = torch.randn(tokens, self.H, device="cuda", generator=gen, dtype=self.dtype)
-        shared = 2 if self.E == 66 else 0
+        shared = fused_shared_slots(self.E)
         routed = self.top_k - shared
         ids = []
         for _ in range(tokens):
@@ -220,7 +224,7 @@ def tune_triton(p: Problem, tokens_list: list[int], layers: int, reps: int, proc
 
 
 def weight_bytes(top_k: int, H: int, N: int, tokens: int, E: int) -> float:
-    shared = 2 if E == 66 else 0
+    shared = fused_shared_slots(E)
     experts_touched = min(E, tokens * (top_k - shared) + shared)  # upper bound on distinct experts
     return experts_touched * 3 * H * N * 2
 
@@ -238,12 +242,9 @@ def main() -> None:
     args = ap.parse_args()
 
     root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
     # "current" = what the plugin runs today: its shipped tables first, then vLLM's.
     os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(root / "vllm_ernie45" / "moe_configs"))
     import triton
-
-    from vllm_ernie45 import compat
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -254,9 +255,12 @@ def main() -> None:
         log_file.write(msg + "\n")
         log_file.flush()
 
-    device = compat.device_name_for_configs()
-    log(f"GPU {torch.cuda.get_device_name()} -> config name {device}; triton {triton.__version__}")
-    summary = {"device": device, "shapes": {}}
+    # vLLM's own naming (device name, H200 family folded to NVIDIA_H200), so the file is
+    # exactly the one its lookup opens.
+    from vllm.model_executor.layers.fused_moe.fused_moe import get_config_file_name
+
+    log(f"GPU {torch.cuda.get_device_name()}; triton {triton.__version__}")
+    summary = {"gpu": torch.cuda.get_device_name(), "shapes": {}}
     tables: dict[str, dict] = {}
     for shape in args.shapes.split(","):
         E, top_k = map(int, shape.split(":"))
@@ -265,7 +269,7 @@ def main() -> None:
         tuned, fused = tune_triton(
             p, [int(t) for t in args.triton_tokens.split(",")], args.layers, args.reps, args.procs, log
         )
-        name = f"E={E},N={args.inter},device_name={device}.json"
+        name = get_config_file_name(E, args.inter, None)
         tables[name] = {"triton_version": triton.__version__, **{str(k): v for k, v in tuned.items()}}
         entry = {"fused": {str(k): v for k, v in fused.items()}}
         for t, v in fused.items():

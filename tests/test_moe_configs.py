@@ -21,6 +21,12 @@ FIELDS = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_w
 HOPPER_SMEM = 227 * 1024
 
 
+def _smem_bytes(config: dict) -> int:
+    """Shared memory the fused-MoE kernel's pipelined A and B tiles take (bf16)."""
+    tile = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * 2
+    return tile * config["num_stages"]
+
+
 def _load_tuner():
     spec = importlib.util.spec_from_file_location("tune_moe", ROOT / "scripts" / "tune_moe.py")
     module = importlib.util.module_from_spec(spec)
@@ -46,8 +52,7 @@ def test_table_is_valid_vllm_format(path):
         assert set(config) == FIELDS, (size, config)
         for key in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
             assert config[key] >= 16 and config[key] & (config[key] - 1) == 0, (size, config)
-        smem = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * 2
-        assert smem * config["num_stages"] <= HOPPER_SMEM, (size, config)
+        assert _smem_bytes(config) <= HOPPER_SMEM, (size, config)
         assert config["num_warps"] in (4, 8)
 
 
@@ -70,8 +75,7 @@ def test_tuner_search_space_fits_hopper_and_token_sizes():
         assert len(space) >= 40, tokens
         for config in space:
             assert set(config) == FIELDS
-            smem = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * 2
-            assert smem * config["num_stages"] <= HOPPER_SMEM
+            assert _smem_bytes(config) <= HOPPER_SMEM
         if tokens <= 16:  # decode sizes: no tile taller than needed
             assert {c["BLOCK_SIZE_M"] for c in space} == {16}
     # Weight bytes a call must stream: 8 experts of 3 x 2560 x 1536 bf16 at one token.

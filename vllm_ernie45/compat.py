@@ -106,15 +106,6 @@ def initial_physical_to_logical(num_logical: int, num_redundant: int) -> list[in
     return [p % num_logical for p in range(num_logical + num_redundant)]
 
 
-def device_name_for_configs() -> str:
-    """The GPU's name as vLLM's tuned fused-MoE config files spell it (H200 family folded
-    to ``NVIDIA_H200``, as vLLM 0.26-0.33 do)."""
-    from vllm.utils.platform_utils import get_device_name_as_file_name
-
-    name = get_device_name_as_file_name()
-    return "NVIDIA_H200" if "H200" in name.split("_") else name
-
-
 # ----------------------------------------------------------------------------- parsers
 
 
