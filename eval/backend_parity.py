@@ -251,7 +251,12 @@ def run_backend(args: argparse.Namespace) -> int:
         "load_s": round(load_s, 1),
         "total_s": round(time.time() - start, 1),
     }
-    Path(args.out).write_text(json.dumps(_jsonable(out), ensure_ascii=False, indent=1))
+    from vllm_ernie45.child_run import close_llm, write_result
+
+    # vLLM's engine processes end here, while the interpreter is whole, not in vLLM's atexit
+    # teardown (the child once died there with SIGABRT after its work: vllm_ernie45.child_run).
+    shutdown = close_llm(lm.model) if args.backend == "vllm" else None
+    write_result(args.out, _jsonable(out), shutdown)
     return 0
 
 
@@ -449,6 +454,8 @@ def equivalent_cli(args: argparse.Namespace, result: dict, mode: str) -> str:
 
 
 def run_parity(args: argparse.Namespace) -> int:
+    from vllm_ernie45.child_run import ChildFailed, judge_child
+
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ernie-eval-parity-"))
     work.mkdir(parents=True, exist_ok=True)
     if not args.model:
@@ -476,10 +483,11 @@ def run_parity(args: argparse.Namespace) -> int:
             )  # fmt: skip
         timings[backend] = round(time.time() - start, 1)
         text = log.read_text(errors="replace")
-        if proc.returncode != 0:
-            print(f"parity: {backend} run failed (exit {proc.returncode}); log {log}:\n{text[-6000:]}")
+        try:
+            runs[backend] = judge_child(proc.returncode, out, f"log {log}:\n{text[-6000:]}")
+        except ChildFailed as err:
+            print(f"parity: {backend} run failed: {err}")
             return 2
-        runs[backend] = json.loads(out.read_text())
         print(f"parity: {backend} run done in {timings[backend]} s ({runs[backend]['model_class']})", flush=True)
         if backend == "vllm":
             plugin_lines = [ln.strip() for ln in text.splitlines() if PLUGIN_LOG_MARK in ln and " serves " in ln]

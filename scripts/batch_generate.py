@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm import LLM, SamplingParams
 
+    from vllm_ernie45.child_run import close_llm
     from vllm_ernie45.memory import default_memory_utilization
 
     memory = args.gpu_memory_utilization or default_memory_utilization() or 0.9
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     results = llm.generate(prompts, params, use_tqdm=True)
+    # The engine's processes end here, not in vLLM's atexit teardown (vllm_ernie45.child_run).
+    close_llm(llm)
 
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", encoding="utf-8") as out:

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vllm_ernie45.child_run import ChildFailed, close_llm, judge_child, write_result
+
 # name -> environment of the implementation's process
 IMPLS = {
     "intree": {"VLLM_PLUGINS": ""},
@@ -103,7 +105,7 @@ def child(args: argparse.Namespace) -> int:
             entry["ms_per_token"] = round(1000 * elapsed / out_len, 3)
         result[scenario] = entry
         print(f"[{args.child}] {scenario}: {entry}", flush=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(args.out, result, close_llm(llm))
     return 0
 
 
@@ -172,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env)
         print(f"[{impl}] process finished rc={proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
-        if proc.returncode == 0:
-            results[impl] = json.loads(part.read_text())
+        try:
+            results[impl] = judge_child(proc.returncode, part)
+        except ChildFailed as err:
+            print(f"[{impl}] FAILED: {err}", flush=True)
     base = "intree" if "intree" in results else next(iter(results), "intree")
     report = {"config": args.config, "dtype": args.dtype, "quantization": args.quantization,
               "results": results, "table": table(results, args.scenarios, base)}

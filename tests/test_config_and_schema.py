@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from vllm_ernie45.checkpoint import checkpoint_schema, is_mtp_tensor
+from vllm_ernie45.checkpoint import checkpoint_schema, is_mtp_tensor, mtp_schema
 from vllm_ernie45.config import ErnieConfigError, arch_from_config
-from vllm_ernie45.tiny.checkpoint import MTP_TENSOR_SUFFIXES, variant_config
+from vllm_ernie45.tiny.checkpoint import variant_config
 
 HUB_21B = {  # the public ERNIE-4.5-21B-A3B-PT config.json, legacy key style
     "architectures": ["Ernie4_5_MoeForCausalLM"],
@@ -84,7 +84,12 @@ def test_schema_matches_what_transformers_saves(variant, tiny_checkpoint):
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     mtp = {k for k in saved if is_mtp_tensor(k)}
-    assert len(mtp) == (len(MTP_TENSOR_SUFFIXES) if variant == "legacy" else 0)
+    if variant == "legacy":  # ERNIE's MTP head: the MTP schema, less the shared final norm
+        arch = arch_from_config(config)
+        mtp_expected = {k: s.shape for k, s in mtp_schema(arch).items() if is_mtp_tensor(k)}
+        assert {k: saved[k] for k in mtp} == mtp_expected
+    else:
+        assert not mtp
     assert {k: v for k, v in saved.items() if k not in mtp} == {k: s.shape for k, s in schema.items()}
 
 

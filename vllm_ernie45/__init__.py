@@ -14,6 +14,8 @@ MODEL_CLASSES = {
     "Ernie4_5_MoeForCausalLM": "vllm_ernie45.model:ErnieMoeForCausalLM",
     "Ernie4_5ForCausalLM": "vllm_ernie45.model:ErnieDenseForCausalLM",  # ERNIE-4.5-0.3B
 }
+# The draft vLLM builds for speculative_config method "mtp" on an ERNIE 4.5 MoE target.
+MTP_DRAFT_CLASS = ("ErnieMTPModel", "vllm_ernie45.mtp:ErnieMTPDraft")
 TOOL_PARSER = ("ernie45", "vllm_ernie45.parsers.tool_parser", "Ernie45ToolParser")
 REASONING_PARSER = ("ernie45", "vllm_ernie45.parsers.reasoning_parser", "Ernie45ReasoningParser")
 
@@ -41,6 +43,10 @@ def register() -> None:
 
     for arch, target in MODEL_CLASSES.items():
         ModelRegistry.register_model(arch, target)
+    from vllm_ernie45 import envs
+
+    if envs.mtp_draft() == "plugin":
+        ModelRegistry.register_model(*MTP_DRAFT_CLASS)
     compat.register_tool_parser(*TOOL_PARSER)
     compat.register_reasoning_parser(*REASONING_PARSER)
     _registered = True
@@ -50,8 +56,9 @@ def register() -> None:
 
     # A child of the "vllm" logger, so vLLM's handler and level apply to it.
     init_logger("vllm.ernie45").info(
-        "vllm-ernie45 %s (vLLM %s) serves %s and the 'ernie45' tool-call and reasoning parsers",
+        "vllm-ernie45 %s (vLLM %s) serves %s, %s and the 'ernie45' tool-call and reasoning parsers",
         __version__,
         version,
         ", ".join(MODEL_CLASSES),
+        "the MTP draft (ErnieMTPModel)" if envs.mtp_draft() == "plugin" else "not the MTP draft (in-tree)",
     )

@@ -40,6 +40,8 @@ class TensorSpec:
     shape: tuple[int, ...]
     target: Target
     layer: int | None = None  # decoder layer index, for pipeline-parallel locality
+    # A 2-D tensor stored transposed (shape reversed) is accepted and transposed on load.
+    transposed_ok: bool = False
 
 
 # Tensors of the multi-token-prediction head (``model.mtp_block.0.*``, ``mtp_emb_norm`` ...);
@@ -146,3 +148,41 @@ def checkpoint_schema(arch: ErnieArch, fused_shared: bool = False) -> dict[str, 
 
 
 OPTIONAL_WHEN_TIED = "lm_head.weight"
+
+# The MTP block's tensors in a -PT checkpoint, index 0 of ``num_nextn_predict_layers``.
+MTP_PREFIX = "model.mtp_"
+
+
+def mtp_schema(arch: ErnieArch) -> dict[str, TensorSpec]:
+    """The tensors of ERNIE 4.5's multi-token-prediction head (one block), and where they go
+    in :class:`vllm_ernie45.mtp.ErnieMTPDraft`.
+
+    ``mtp_emb_norm`` / ``mtp_hidden_norm`` (RMSNorm of the next token's embedding and of the
+    trunk's hidden state), ``mtp_linear_proj`` (``[H, 2H]``; some 300B-A47B -PT checkpoints
+    store it ``[2H, H]``, accepted and transposed), ``mtp_block`` (a decoder layer with a dense
+    SwiGLU FFN of ``intermediate_size``), and the model's final ``norm``, which the draft
+    applies before the shared LM head as the reference does.
+    """
+    H, bias = arch.hidden_size, arch.use_bias
+    schema: dict[str, TensorSpec] = {
+        "model.norm.weight": TensorSpec((H,), Target("norm", "weight")),
+        "model.mtp_emb_norm.0.weight": TensorSpec((H,), Target("model.mtp_emb_norm", "weight")),
+        "model.mtp_hidden_norm.0.weight": TensorSpec((H,), Target("model.mtp_hidden_norm", "weight")),
+        "model.mtp_linear_proj.0.weight": TensorSpec(
+            (H, 2 * H), Target("model.mtp_linear_proj", "weight"), transposed_ok=True
+        ),
+    }
+    if bias:
+        schema["model.mtp_linear_proj.0.bias"] = TensorSpec((H,), Target("model.mtp_linear_proj", "bias"))
+    block, target = "model.mtp_block.0", "model.mtp_block"
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        schema[f"{block}.{norm}.weight"] = TensorSpec((H,), Target(f"{target}.{norm}", "weight"))
+    for proj, size in (("q", arch.q_size), ("k", arch.kv_size), ("v", arch.kv_size)):
+        _linear(schema, f"{block}.self_attn.{proj}_proj", size, H, bias, f"{target}.self_attn.qkv_proj", proj, None)
+    _linear(schema, f"{block}.self_attn.o_proj", H, arch.q_size, bias, f"{target}.self_attn.o_proj", None, None)
+    inter = arch.intermediate_size
+    _linear(schema, f"{block}.mlp.gate_proj", inter, H, bias, f"{target}.mlp.gate_up_proj", 0, None)
+    _linear(schema, f"{block}.mlp.up_proj", inter, H, bias, f"{target}.mlp.gate_up_proj", 1, None)
+    _linear(schema, f"{block}.mlp.down_proj", H, inter, bias, f"{target}.mlp.down_proj", None, None)
+    return schema
+

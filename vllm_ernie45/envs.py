@@ -9,6 +9,13 @@
     ``auto`` (default): on CUDA, run shared experts inside the routed fused-MoE call as
     always-selected experts of weight 1 (not with expert parallelism / EPLB, nor with
     ``use_bias``); ``0``/``1`` force it off/on (on is still refused where it cannot apply).
+``VLLM_ERNIE45_MTP_DRAFT``
+    ``plugin`` (default): MTP speculative decoding (``speculative_config`` method ``mtp``)
+    drafts with this plugin's compiled MTP head (``vllm_ernie45.mtp``); ``intree``: with
+    vLLM's own ``ErnieMTP`` (for comparison).
+``VLLM_ERNIE45_MTP_HIDDEN``
+    ``pre_norm`` (default): the MTP head gets the target's last hidden state before the final
+    norm, as ERNIE's training code feeds it; ``post_norm``: after it (FastDeploy, vLLM in-tree).
 """
 
 from __future__ import annotations
@@ -34,3 +41,18 @@ def fuse_shared_experts(is_cuda: bool) -> bool:
     if value not in ("auto", "0", "1"):
         raise ValueError(f"VLLM_ERNIE45_FUSE_SHARED_EXPERTS={value!r}; choose auto, 0 or 1")
     return is_cuda if value == "auto" else value == "1"
+
+
+def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = os.environ.get(name, default).strip().lower() or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}; choose one of {choices}")
+    return value
+
+
+def mtp_draft() -> str:
+    return _choice("VLLM_ERNIE45_MTP_DRAFT", "plugin", ("plugin", "intree"))
+
+
+def mtp_hidden_state() -> str:
+    return _choice("VLLM_ERNIE45_MTP_HIDDEN", "pre_norm", ("pre_norm", "post_norm"))

@@ -265,13 +265,14 @@ class ErnieDecoderLayer(nn.Module):
         quant_config: QuantizationConfig | None,
         enable_eplb: bool,
         prefix: str,
+        dense: bool = False,
     ) -> None:
         super().__init__()
         self.self_attn = ErnieAttention(
             arch, rope_parameters, cache_config, quant_config, prefix=f"{prefix}.self_attn"
         )
         self.mlp: ErnieMoE | ErnieMLP
-        if arch.is_moe_layer(layer_idx):
+        if arch.is_moe_layer(layer_idx) and not dense:
             self.mlp = ErnieMoE(arch, quant_config, enable_eplb, prefix=f"{prefix}.mlp")
         else:
             self.mlp = ErnieMLP(

@@ -24,11 +24,13 @@ from vllm.model_executor.models.utils import PPMissingLayer
 
 from vllm_ernie45 import compat
 from vllm_ernie45.checkpoint import (
+    MTP_PREFIX,
     OPTIONAL_WHEN_TIED,
     CheckpointError,
     TensorSpec,
     checkpoint_schema,
     is_mtp_tensor,
+    mtp_schema,
 )
 from vllm_ernie45.config import ErnieArch
 
@@ -159,12 +161,20 @@ def _readable(weights: Iterable[tuple[str, torch.Tensor]], model_dir: str):
         yield item
 
 
-def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+def _check_shape(
+    name: str, tensor: torch.Tensor, expected: tuple[int, ...], transposed_ok: bool = False
+) -> torch.Tensor:
+    """``tensor`` if it has the ``expected`` shape; transposed where the spec allows a 2-D
+    tensor stored the other way round; otherwise a CheckpointError naming both shapes."""
+    if transposed_ok and len(expected) == 2 and _shape(tensor) == expected[::-1] != expected:
+        logger.info_once("Checkpoint tensor %s is stored transposed %s; transposing it.", name, list(tensor.shape))
+        return tensor.t().contiguous()
     if _shape(tensor) != expected:
         raise CheckpointError(
             f"checkpoint tensor {name!r} has shape {list(tensor.shape)}, but the model "
             f"config implies {list(expected)}"
         )
+    return tensor
 
 
 def load_checkpoint(
@@ -200,7 +210,7 @@ def load_checkpoint(
         if name in seen:
             raise CheckpointError(f"checkpoint tensor {name!r} appears more than once")
         seen.add(name)
-        _check_shape(name, tensor, spec.shape)
+        tensor = _check_shape(name, tensor, spec.shape, spec.transposed_ok)
 
         module = _local_module(model, spec.target.module)
         if module is None:
@@ -227,4 +237,47 @@ def load_checkpoint(
             arch.num_mtp_layers,
         )
     model.mtp_tensor_names = tuple(mtp)
+    return loaded
+
+
+def load_mtp_checkpoint(
+    model: nn.Module, arch: ErnieArch, weights: Iterable[tuple[str, torch.Tensor]]
+) -> set[str]:
+    """Load the MTP head (:func:`vllm_ernie45.checkpoint.mtp_schema`) into the draft
+    ``model`` from the whole -PT checkpoint (vLLM hands a draft every tensor of the target's
+    checkpoint); the main model's tensors are skipped. A checkpoint without the MTP tensors,
+    or with an unknown, duplicated or mis-shaped one, is one CheckpointError naming them."""
+    schema = mtp_schema(arch)
+    seen: set[str] = set()
+    loaded: set[str] = set()
+    model_dir = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    for name, tensor in _readable(weights, model_dir):
+        spec = schema.get(name)
+        if spec is None:
+            if name.startswith(MTP_PREFIX):
+                raise CheckpointError(
+                    f"unexpected MTP tensor {name!r} (shape {list(tensor.shape)}): not part of "
+                    f"ERNIE 4.5's MTP head with this config (use_bias={arch.use_bias}; only "
+                    "index 0 of num_nextn_predict_layers is used)"
+                )
+            continue  # a tensor of the main model: the target loads it
+        if name in seen:
+            raise CheckpointError(f"checkpoint tensor {name!r} appears more than once")
+        seen.add(name)
+        tensor = _check_shape(name, tensor, spec.shape, spec.transposed_ok)
+        module = _local_module(model, spec.target.module)
+        param_name, param = _find_param(module, spec.target.module, spec.target.param)
+        param_path = f"{spec.target.module}.{param_name}"
+        _load_tensor(param, param_path, tensor, spec, {})
+        loaded.add(param_path)
+    missing = [name for name in schema if name not in seen]
+    if missing:
+        listed = ", ".join(repr(n) for n in missing[:_MAX_LISTED])
+        more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+        raise CheckpointError(
+            f"speculative decoding with method 'mtp' needs ERNIE 4.5's MTP head, but the "
+            f"checkpoint lacks {len(missing)} of its tensor(s): {listed}{more}. Use a -PT "
+            "checkpoint that ships the MTP block (num_nextn_predict_layers: 1), or serve "
+            "without --speculative-config."
+        )
     return loaded

@@ -30,9 +30,13 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
+from vllm_ernie45 import envs
 from vllm_ernie45.config import arch_from_config, check_raw_config
 from vllm_ernie45.layers import ErnieDecoderLayer, ErnieMoE, rope_parameters_for
 from vllm_ernie45.loader import load_checkpoint
+
+# speculative_config methods whose draft is ERNIE's MTP head ("ernie_mtp": the old alias).
+MTP_METHODS = ("mtp", "ernie_mtp")
 
 
 @support_torch_compile
@@ -80,6 +84,18 @@ class ErnieModel(nn.Module):
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states", "residual"], arch.hidden_size
         )
+        # What the MTP draft gets (vllm_ernie45.mtp): the last layer's output before the final
+        # norm (or after it, VLLM_ERNIE45_MTP_HIDDEN=post_norm), copied inside the compiled
+        # forward into a buffer that outlives it, as vLLM's hook contract asks.
+        self.mtp_hidden_buffer: torch.Tensor | None = None
+        self.mtp_pre_norm = envs.mtp_hidden_state() == "pre_norm"
+        spec = vllm_config.speculative_config
+        if spec is not None and spec.method in MTP_METHODS and get_pp_group().is_last_rank:
+            self.mtp_hidden_buffer = torch.empty(
+                vllm_config.scheduler_config.max_num_batched_tokens,
+                arch.hidden_size,
+                dtype=vllm_config.model_config.dtype,
+            )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -106,7 +122,10 @@ class ErnieModel(nn.Module):
 
         if not get_pp_group().is_last_rank:
             return IntermediateTensors({"hidden_states": hidden_states, "residual": residual})
-        hidden_states, _ = self.norm(hidden_states, residual)
+        hidden_states, residual = self.norm(hidden_states, residual)
+        if self.mtp_hidden_buffer is not None:
+            mtp_input = residual if self.mtp_pre_norm else hidden_states
+            self.mtp_hidden_buffer[: mtp_input.shape[0]].copy_(mtp_input)
         return hidden_states
 
 
@@ -187,6 +206,10 @@ class ErnieMoeForCausalLM(_ErnieCausalLM, MixtureOfExperts):
         self.num_routed_experts = example.n_routed_experts if example else 0
         self.num_shared_experts = example.n_shared_experts if example else 0
         self.num_redundant_experts = example.n_redundant_experts if example else 0
+
+    def get_mtp_target_hidden_states(self) -> torch.Tensor | None:
+        """vLLM's hook: the hidden states its MTP drafter gets (None: the forward output)."""
+        return self.model.mtp_hidden_buffer
 
     def update_physical_experts_metadata(
         self, num_physical_experts: int, num_local_physical_experts: int

@@ -42,6 +42,17 @@ def model_facts(model: Any) -> dict[str, Any]:
     }
 
 
+def spec_decode_counts(llm: Any) -> dict[str, Any]:
+    """vLLM's speculative-decoding counters (drafts, draft tokens, accepted tokens, accepted
+    per draft position) from ``LLM.get_metrics()``."""
+    counts: dict[str, Any] = {}
+    for metric in llm.get_metrics():
+        if metric.name.startswith("vllm:spec_decode_num_"):
+            key = metric.name.removeprefix("vllm:spec_decode_num_")
+            counts[key] = list(metric.values) if hasattr(metric, "values") else metric.value
+    return counts
+
+
 def run_vllm(
     model: str,
     prompts: list[list[int]],
@@ -53,6 +64,8 @@ def run_vllm(
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # for apply_model
     from vllm import LLM, SamplingParams
 
+    from vllm_ernie45.child_run import close_llm
+
     kwargs: dict[str, Any] = dict(
         model=model,
         dtype=dtype,
@@ -62,6 +75,8 @@ def run_vllm(
         enable_prefix_caching=False,
     )
     kwargs.update(extra or {})
+    if "speculative_config" in kwargs:
+        kwargs.setdefault("disable_log_stats", False)  # LLM.get_metrics() needs the stats
     from vllm_ernie45.memory import default_memory_utilization
 
     if default_memory_utilization() is not None:
@@ -81,6 +96,8 @@ def run_vllm(
         detokenize=False,
     )
     results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    spec_decode = spec_decode_counts(llm) if "speculative_config" in kwargs else None
+    shutdown = close_llm(llm)
     outputs = []
     for result in results:
         completion = result.outputs[0]
@@ -96,7 +113,7 @@ def run_vllm(
                 ],
             }
         )
-    return {"engine": "vllm", **facts, "outputs": outputs}
+    return {"engine": "vllm", **facts, "outputs": outputs, "spec_decode": spec_decode, "_shutdown": shutdown}
 
 
 def run_hf(
@@ -216,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         track = json.loads(Path(args.track).read_text()) if args.track else None
         result = run_hf(args.model, prompts, args.max_tokens, args.top_k, args.dtype, args.device, track)
-    Path(args.out).write_text(json.dumps(result))
+    from vllm_ernie45.child_run import write_result
+
+    write_result(args.out, result, result.pop("_shutdown", None))
     return 0
 
 

@@ -15,7 +15,7 @@ Variants mirror the real family:
 ``bias``    ``use_bias=true`` (q/k/v/o and dense/shared FFN biases)
 ``legacy``  hub-style ``config.json`` (top-level ``rope_theta``, ``moe_capacity``,
             ``moe_gate``, ``moe_use_aux_free``, ``num_nextn_predict_layers``, no
-            ``moe_layer_end_index``) and ``mtp_*`` tensors in the safetensors file
+            ``moe_layer_end_index``) and ERNIE's MTP head (``mtp_*`` tensors, one block)
 ``dense``   ERNIE-4.5-0.3B-like dense model (``Ernie4_5ForCausalLM``)
 ==========  ===============================================================================
 """
@@ -73,14 +73,6 @@ _VARIANT_OVERRIDES: dict[str, dict[str, Any]] = {
     "dense": dict(hidden_size=128, head_dim=None),
 }
 
-MTP_TENSOR_SUFFIXES = (
-    "mtp_emb_norm.0.weight",
-    "mtp_hidden_norm.0.weight",
-    "mtp_block.0.input_layernorm.weight",
-    "mtp_block.0.self_attn.q_proj.weight",
-)
-
-
 def variant_config(variant: str) -> dict[str, Any]:
     """The HF config kwargs of a variant (MoE keys omitted for ``dense``)."""
     if variant not in VARIANTS:
@@ -131,16 +123,35 @@ def _legacy_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def _add_mtp_tensors(out_dir: Path, hidden: int, seed: int) -> None:
+def _add_mtp_tensors(out_dir: Path, config: Any, seed: int, transposed: bool, agree: bool) -> None:
+    """Add ERNIE's MTP head (every tensor of ``vllm_ernie45.checkpoint.mtp_schema``) with random
+    values at the scales of ``_randomise``; ``transposed``: ``mtp_linear_proj`` stored ``[2H, H]``
+    as some 300B-A47B -PT checkpoints do; ``agree``: the whole checkpoint made to agree with
+    its MTP head by construction (``vllm_ernie45.tiny.mtp_agree``)."""
     import torch
     from safetensors.torch import load_file, save_file
+
+    from vllm_ernie45.checkpoint import mtp_schema
+    from vllm_ernie45.config import arch_from_config
+    from vllm_ernie45.tiny.mtp_agree import make_agree
 
     gen = torch.Generator().manual_seed(seed + 1)
     file = out_dir / "model.safetensors"
     tensors = load_file(str(file))
-    for suffix in MTP_TENSOR_SUFFIXES:
-        shape = (hidden,) if suffix.endswith("norm.0.weight") or "layernorm" in suffix else (hidden, hidden)
-        tensors[f"model.{suffix}"] = torch.randn(shape, generator=gen)
+    for name, spec in mtp_schema(arch_from_config(config)).items():
+        if name in tensors:
+            continue  # model.norm.weight: the main model's
+        if "norm" in name:
+            value = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
+        elif name.endswith(".bias"):
+            value = 0.1 * torch.randn(spec.shape, generator=gen)
+        else:
+            value = torch.randn(spec.shape, generator=gen) / math.sqrt(spec.shape[-1])
+            if transposed and name.startswith("model.mtp_linear_proj"):
+                value = value.t().contiguous()
+        tensors[name] = value.to(tensors["model.norm.weight"].dtype)
+    if agree:
+        make_agree(tensors.items())
     save_file(tensors, str(file), metadata={"format": "pt"})
 
 
@@ -150,9 +161,14 @@ def make_tiny_checkpoint(
     seed: int = 0,
     dtype: str = "float32",
     with_tokenizer: bool = True,
+    mtp_transposed: bool = False,
+    mtp_agree: bool = False,
     **overrides: Any,
 ) -> Path:
-    """Write a tiny random checkpoint of ``variant`` to ``out_dir`` and return the path."""
+    """Write a tiny random checkpoint of ``variant`` to ``out_dir`` and return the path.
+
+    ``legacy`` carries ERNIE's MTP head; ``mtp_transposed`` stores its ``mtp_linear_proj``
+    as ``[2H, H]``, ``mtp_agree`` makes main model and head agree by construction."""
     import torch
     from transformers import (
         Ernie4_5Config,
@@ -175,7 +191,8 @@ def make_tiny_checkpoint(
     model.to(getattr(torch, dtype)).save_pretrained(out)
     if variant == "legacy":
         _legacy_config(out / "config.json")
-        _add_mtp_tensors(out, config.hidden_size, seed)
+        config.num_nextn_predict_layers = 1
+        _add_mtp_tensors(out, config, seed, mtp_transposed, mtp_agree)
     if with_tokenizer:
         from vllm_ernie45.tiny.tokenizer import build_ernie_tokenizer
 
