@@ -372,11 +372,10 @@ TOOL_CASES = [
         None,
         [("get_weather", '{"location": "Beijing"}')],
     ),
-    Case(
+    Case(  # issue 14: an unfinished call is not a call; its text is kept, as content
         "unclosed_block_cut_in_arguments",
         'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"location": "Bei',
-        "Checking.",
-        [("get_weather", '{"location": "Bei')],
+        'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"location": "Bei',
     ),
     Case(
         "unclosed_block_cut_before_name",
@@ -415,6 +414,108 @@ TOOL_CASES = [
         [("send_message", '{"text": "\\u4f60\\u597d 😀"}')],
     ),
     Case("empty_output", "", None),
+]
+
+# Hostile but valid output (issue 17) and calls cut off by max_tokens (issue 14).
+HOSTILE_ARGS = {"text": '} </think> <response> { [ " </response> ] \\ ', "meta": {"<tool_call>": ["</tool_call>", "{"]}}
+TOOL_CASES += [
+    # markers inside JSON strings are text
+    Case(
+        "close_and_open_markers_inside_argument_string",
+        '<tool_call>\n{"name": "send_message", "arguments": {"text": "a </tool_call> b <tool_call> c"}}\n</tool_call>',
+        None,
+        [("send_message", '{"text": "a </tool_call> b <tool_call> c"}')],
+    ),
+    Case(
+        "markers_inside_arguments_given_as_json_string",
+        '<tool_call>\n{"name": "send_message", "arguments": "{\\"text\\": \\"x <tool_call> y </tool_call> z\\"}"}'
+        "\n</tool_call>",
+        None,
+        [("send_message", '{"text": "x <tool_call> y </tool_call> z"}')],
+    ),
+    Case(
+        "every_marker_brace_and_quote_inside_strings",
+        'Sending.\n<tool_call>\n{"name": "send_message", "arguments": ' + args(HOSTILE_ARGS) + "}\n</tool_call>\n"
+        '<tool_call>\n{"name": "get_time", "arguments": {"tz": "</tool_call>"}}\n</tool_call>',
+        "Sending.",
+        [("send_message", args(HOSTILE_ARGS)), ("get_time", '{"tz": "</tool_call>"}')],
+    ),
+    # arguments are always JSON text: a string is decoded only when it holds an object
+    Case(
+        "empty_string_arguments",
+        '<tool_call>\n{"name": "get_time", "arguments": ""}\n</tool_call>',
+        None,
+        [("get_time", '""')],
+    ),
+    Case(
+        "plain_string_arguments",
+        '<tool_call>\n{"name": "send_message", "arguments": "hello"}\n</tool_call>',
+        None,
+        [("send_message", '"hello"')],
+    ),
+    Case(
+        "string_arguments_holding_a_list",
+        '<tool_call>\n{"name": "send_message", "arguments": "[1, 2]"}\n</tool_call>',
+        None,
+        [("send_message", '"[1, 2]"')],
+    ),
+    Case(
+        "string_arguments_decoding_to_a_raw_newline",
+        '<tool_call>\n{"name": "send_message", "arguments": "{\\"text\\": \\"a\\nb\\"}"}\n</tool_call>',
+        None,
+        [("send_message", '{"text": "a\\nb"}')],
+    ),
+    Case(
+        "raw_newline_inside_object_arguments",
+        '<tool_call>\n{"name": "send_message", "arguments": {"text": "line 1\nline 2\tend"}}\n</tool_call>',
+        None,
+        [("send_message", '{"text": "line 1\\nline 2\\tend"}')],
+    ),
+    # a JSON list of calls: each object is judged like a block of its own
+    Case(
+        "list_with_unknown_name_first",
+        '<tool_call>\n[{"name": "nope", "arguments": {"a": 1}}, {"name": "get_time", "arguments": {}}]\n</tool_call>'
+        "\nDone.",
+        '{"name": "nope", "arguments": {"a": 1}} Done.',
+        [("get_time", "{}")],
+    ),
+    Case(
+        "list_with_unknown_name_last",
+        '<tool_call>\n[{"name": "get_time", "arguments": {}}, {"name": "nope", "arguments": {}}]\n</tool_call>',
+        '{"name": "nope", "arguments": {}}',
+        [("get_time", "{}")],
+    ),
+    # one separator where text stands on both sides of calls
+    Case(
+        "text_between_calls",
+        'A\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\nB middle\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>\nC end',
+        "A\nB middle\nC end",
+        [("get_time", "{}"), ("get_time", '{"tz": "UTC"}')],
+    ),
+    # output cut off by max_tokens inside a call: no call, the text is content
+    Case(
+        "truncated_after_arguments_key",
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "argu',
+        'Let me look.\n<tool_call>\n{"name": "get_weather", "argu',
+    ),
+    Case(
+        "truncated_after_name",
+        '<tool_call>\n{"name": "get_time"',
+        '<tool_call>\n{"name": "get_time"',
+    ),
+    Case(
+        "truncated_inside_string_arguments",
+        '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"UT',
+        '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"UT',
+    ),
+    Case(
+        "truncated_second_call",
+        '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"loc',
+        '<tool_call>\n{"name": "get_weather", "arguments": {"loc',
+        [("get_time", "{}")],
+    ),
 ]
 
 

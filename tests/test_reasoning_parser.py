@@ -121,8 +121,22 @@ def test_reasoning_only_passes_tool_blocks_through_as_content(ernie_tokenizer):
         tool=False,
         reasoning=True,
         output="Think.\n</think>\n\nOne moment.\n" + block,
-        expected=Parsed("Think.", "One moment." + block, []),
+        expected=Parsed("Think.", "One moment.\n" + block, []),
         tools=False,
+    )
+
+
+def test_tool_choice_none_keeps_the_whitespace_before_a_block(ernie_tokenizer):
+    """Issue 17.5: ``hi\n<tool_call>`` must not come back as ``hi<tool_call>``."""
+    block = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+    check_case(
+        ernie_tokenizer,
+        tool=True,
+        reasoning=True,
+        output="Think.\n</think>\n\nhi\n" + block,
+        expected=Parsed("Think.", "hi\n" + block, []),
+        request_kwargs={"tool_choice": "none"},
+        chunks=(1, 2, 5),
     )
 
 
@@ -155,6 +169,33 @@ def test_thinking_disabled_everything_is_content(ernie_tokenizer, case, with_too
         expected=Parsed(None, content, calls),
         chat_template_kwargs=THINKING_OFF,
     )
+
+
+# Every JSON value a client can send as enable_thinking (None: the key is absent).
+ENABLE_THINKING_VALUES = [
+    (False, True), (0, True), (0.0, True), ("false", True), ("False", True), (" off ", True), ("no", True),
+    ("0", True), (True, False), (1, False), (2, False), ("true", False), ("yes", False), ("", False),
+    (None, False), ("absent", False), ([], False), ({}, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "off"), ENABLE_THINKING_VALUES, ids=[repr(v) for v, _ in ENABLE_THINKING_VALUES]
+)
+def test_one_meaning_of_thinking_off(ernie_tokenizer, value, off):
+    """Issue 17.2: the chat template, the non-streaming and the streaming parser all follow
+    ``thinking_disabled`` for every value of ``enable_thinking``."""
+    from vllm_ernie45.parsers.reasoning_parser import thinking_disabled
+
+    kwargs = {} if value == "absent" else {"enable_thinking": value}
+    assert thinking_disabled(kwargs) is off
+    prompt = ernie_tokenizer.decode(render_prompt_ids(ernie_tokenizer, make_request(), kwargs))
+    assert prompt.endswith("<think>\n\n</think>\n\n") is off
+    assert ("think_mode=False" in prompt) is off
+    output = "Plain words.\n</think>\n\nThe answer."
+    expected = Parsed(None, output, []) if off else Parsed("Plain words.", "The answer.", [])
+    check_case(ernie_tokenizer, tool=True, reasoning=True, output=output, expected=expected,
+               chat_template_kwargs=kwargs)
 
 
 def test_thinking_disabled_with_tool_call(ernie_tokenizer):
@@ -272,7 +313,7 @@ def test_markers_split_across_deltas():
             r, c = splitter.feed(output[i : i + size])
             reasoning, content = reasoning + r, content + c
         r, c = splitter.finish()
-        assert (reasoning + r, content + c) == ("Plan a < b.", "Answer <b> ok<tool_call>\n{}"), size
+        assert (reasoning + r, content + c) == ("Plan a < b.", "Answer <b> ok\n\n<tool_call>\n{}"), size
 
 
 def test_tokenizer_without_think_tokens_is_rejected(tmp_path):

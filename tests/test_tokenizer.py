@@ -217,3 +217,23 @@ def test_openai_content_parts_render_like_strings(hf_tok):
     assert render(parts) == render(strings)
     assert "<system_setting>\nSys.\n</system_setting>" in render(parts)
     assert "<tool_response>\ncold\n</tool_response>" in render(parts)
+
+
+THINKING_VALUES = [
+    False, 0, 0.0, "false", "FALSE", " off ", "no", "0",  # off
+    True, 1, -1, 0.5, "true", "yes", "on", "", "garbage", None, [], {}, "absent",  # on
+]
+
+
+@pytest.mark.parametrize("value", THINKING_VALUES, ids=[repr(v) for v in THINKING_VALUES])
+def test_chat_template_follows_thinking_disabled(hf_tok, value):
+    """The template closes the think block exactly when the parsers' one rule says thinking
+    is off, for every JSON value a client can send (issue 17.2)."""
+    from vllm_ernie45.parsers.thinking import thinking_disabled
+
+    kwargs = {} if value == "absent" else {"enable_thinking": value}
+    off = thinking_disabled(kwargs)
+    text = hf_tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                      add_generation_prompt=True, **kwargs)
+    assert text.endswith("<|im_start|>assistant\n<think>\n" + ("\n</think>\n\n" if off else ""))
+    assert f"think_mode={not off}" in text

@@ -57,11 +57,13 @@ def test_tool_calls_after_reasoning(ernie_tokenizer, case):
     content = case.content
     if content is not None and not case.calls:
         # Without a recognised call the reasoning parser owns the text up to the first
-        # <tool_call>: it drops the whitespace framing around </think>, the answer and
-        # (when the block is not a call) the block's leading whitespace.
+        # <tool_call>: it drops the whitespace framing around </think> and around the
+        # answer, but keeps the whitespace between answer text and a <tool_call> block.
         head, sep, tail = content.partition("<tool_call>")
-        content = (head.strip() + sep + tail) if sep else content.strip()
-        content = content or None
+        if sep:
+            content = (head.lstrip() if head.strip() else "") + sep + tail
+        else:
+            content = content.strip() or None
     check_case(
         ernie_tokenizer,
         tool=True,
@@ -71,14 +73,13 @@ def test_tool_calls_after_reasoning(ernie_tokenizer, case):
     )
 
 
-def test_name_streams_when_complete_and_arguments_incrementally(ernie_tokenizer):
+def test_a_call_streams_whole_once_its_object_is_complete(ernie_tokenizer):
+    """A call is never streamed before it is complete (a cut-off call must not reach the
+    client as a call): id, name and all arguments arrive in one delta, with the token that
+    closes the call's JSON object -- before ``</tool_call>``."""
     arguments = {"location": "Beijing", "unit": "c", "note": "a fairly long value " * 6}
-    output = (
-        'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": '
-        + json.dumps(arguments)
-        + "}\n</tool_call>\n"
-        '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
-    )
+    first = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": ' + json.dumps(arguments) + "}"
+    output = first + '\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
     (streamed,) = check_case(
         ernie_tokenizer,
         tool=True,
@@ -89,15 +90,8 @@ def test_name_streams_when_complete_and_arguments_incrementally(ernie_tokenizer)
         ),
         chunks=(1,),
     )
-    # The name is sent with the token that completes it, before any argument.
-    tokens_to_name = len(
-        ernie_tokenizer.encode('Checking.\n<tool_call>\n{"name": "get_weather"', add_special_tokens=False)
-    )
-    assert streamed.name_at_token[0] == tokens_to_name
-    # The arguments arrive in many pieces, as they are generated.
-    assert len(streamed.arg_deltas[0]) > 20
-    assert "".join(streamed.arg_deltas[0]) == json.dumps(arguments)
-    assert "".join(streamed.arg_deltas[1]) == '{"tz": "UTC"}'
+    assert streamed.name_at_token[0] == len(ernie_tokenizer.encode(first, add_special_tokens=False))
+    assert streamed.arg_deltas == {0: [json.dumps(arguments)], 1: ['{"tz": "UTC"}']}
 
 
 def test_serving_bookkeeping_matches_what_was_streamed(ernie_tokenizer):
@@ -106,10 +100,8 @@ def test_serving_bookkeeping_matches_what_was_streamed(ernie_tokenizer):
 
     request = make_request()
     parser = Ernie45ToolParser(ernie_tokenizer, request.tools)
-    output = (
-        '<tool_call>\n{"name": "get_weather", "arguments": {"location": "北京"}}\n</tool_call>\n'
-        '<tool_call>\n{"name": "get_time", "arguments": {"tz": "U'
-    )
+    cut = '<tool_call>\n{"name": "get_time", "arguments": {"tz": "U'
+    output = '<tool_call>\n{"name": "get_weather", "arguments": {"location": "北京"}}\n</tool_call>\n' + cut
     ids = ernie_tokenizer.encode(output, add_special_tokens=False)
     streamed_args: dict[int, str] = {}
     for i in range(len(ids)):
@@ -122,10 +114,12 @@ def test_serving_bookkeeping_matches_what_was_streamed(ernie_tokenizer):
             assert parser.streamed_args_for_tool[index] == text
             assert parser.prev_tool_call_arr[index]["arguments"] == text
         assert parser.get_remaining_unstreamed_args() == ""
-    assert parser.prev_tool_call_arr[0]["name"] == "get_weather"
-    assert parser.prev_tool_call_arr[1] == {"name": "get_time", "arguments": '{"tz": "U'}
-    assert parser.current_tool_id == 1
-    assert parser.finish_streaming() is None
+    assert parser.prev_tool_call_arr == [{"name": "get_weather", "arguments": '{"location": "北京"}'}]
+    assert parser.current_tool_id == 0
+    # The unfinished second call was never streamed; the end-of-stream flush returns its text.
+    final = parser.finish_streaming()
+    assert final.content == cut and final.tool_calls == []
+    assert len(parser.prev_tool_call_arr) == 1
 
 
 def test_cut_off_by_max_tokens_without_eos(ernie_tokenizer):
@@ -197,10 +191,9 @@ def test_state_machine_is_chunking_invariant(size):
             events += machine.feed(case.output[i : i + size])
         events += machine.finish()
         content = "".join(e[1] for e in events if e[0] == "content") or None
-        calls = [(c.name, c.arguments) for c in machine.calls]
-        streamed_args = ["".join(e[2] for e in events if e[0] == "args" and e[1] == i) for i in range(len(calls))]
+        calls = [(e[3], e[4]) for e in events if e[0] == "call"]
         assert (content, calls) == (case.content, case.calls), case.id
-        assert streamed_args == [a for _, a in calls]
+        assert calls == [(c.name, c.arguments) for c in machine.calls]
 
 
 REQUIRED_OUTPUT = (
@@ -261,19 +254,80 @@ FRAGMENTS = [
     '{"name": "get_time"}', '{"name": "nope", "arguments": {}}', '"', "{", "}", "[", "]", ",", ":",
     '{"arguments": {"a": "}{"}, "name": "send_message"}', '\\"', "\\u4f60", "x", "<", '{"a": 1}',
 ]
+# Pieces of JSON string values: every marker, braces, brackets, quotes, escapes, newlines.
+STRING_PIECES = [
+    "<tool_call>", "</tool_call>", "<think>", "</think>", "<response>", "</response>", "{", "}", "[", "]",
+    '"', "\\", "\n", "\t", " ", "x", "北京", ":", ",", "😀", "<",
+]
+NAMES = ["get_weather", "get_time", "send_message", "nope", ""]
+
+
+def _hostile_string(rng) -> str:
+    return "".join(rng.choice(STRING_PIECES) for _ in range(rng.randint(0, 6)))
+
+
+def _call_object(rng) -> str:
+    """A JSON call object whose string values hold markers, braces and quotes; arguments
+    as an object, as a JSON string (of an object or of anything), null or missing."""
+    value = {"text": _hostile_string(rng), _hostile_string(rng): [_hostile_string(rng), {"k": _hostile_string(rng)}]}
+    form = rng.randrange(5)
+    obj: dict = {"name": rng.choice(NAMES)}
+    if form == 0:
+        obj["arguments"] = value
+    elif form == 1:
+        obj["arguments"] = json.dumps(value, ensure_ascii=rng.random() < 0.5)
+    elif form == 2:
+        obj["arguments"] = _hostile_string(rng)
+    elif form == 3:
+        obj["arguments"] = None
+    if rng.random() < 0.3:
+        obj = dict(reversed(list(obj.items())))
+    text = json.dumps(obj, ensure_ascii=rng.random() < 0.5)
+    if rng.random() < 0.15:  # the model writes a raw newline inside a string
+        text = text.replace("\\n", "\n")
+    if rng.random() < 0.15:  # cut off (max_tokens, or a sloppy model)
+        text = text[: rng.randint(0, len(text))]
+    return text
+
+
+def _tool_block(rng) -> str:
+    objects = [_call_object(rng) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
+    if len(objects) > 1 and rng.random() < 0.6:
+        body = "[" + ", ".join(objects) + "]"
+    else:
+        body = "\n".join(objects)
+    block = "<tool_call>\n" + body
+    return block + rng.choice(["\n</tool_call>\n", "\n</tool_call>", "</tool_call>", ""])
+
+
+def _random_output(rng) -> str:
+    parts = []
+    for _ in range(rng.randint(0, 12)):
+        roll = rng.random()
+        if roll < 0.25:
+            parts.append(_tool_block(rng))
+        elif roll < 0.35:
+            parts.append(_call_object(rng))
+        else:
+            parts.append(rng.choice(FRAGMENTS))
+    return "".join(parts)
 
 
 def test_random_outputs_stream_like_they_parse(ernie_tokenizer):
-    """Property check on seeded random fragment soups, every parser setup: the client's
-    assembled stream equals the non-streaming result, and with only the tool parser and no
-    call found, the content is the model's text unchanged."""
+    """Property check on seeded random outputs -- fragment soups and call blocks whose JSON
+    strings hold markers, braces and quotes -- in every parser setup: the client's assembled
+    stream equals the non-streaming result, every call's arguments are strict JSON, and with
+    only the tool parser and no call found, the content is the model's text unchanged."""
     import random
 
     rng = random.Random(20250630)
+    names = {"get_weather", "get_time", "send_message"}
     for _ in range(150):
-        output = "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 25)))
-        tool, reasoning = rng.choice([(True, False), (False, True), (True, True)])
+        output = _random_output(rng)
+        tool, reasoning = rng.choice([(True, False), (False, True), (True, True), (True, True)])
         kwargs = rng.choice([None, {"enable_thinking": False}])
+        if reasoning and kwargs is None and rng.random() < 0.7:
+            output = "Thinking about it.\n</think>\n\n" + output
         cls = parser_class(tool, reasoning)
         request = make_request(tool_choice=rng.choice(["auto", "auto", "none"]))
         request = cls(ernie_tokenizer, request.tools, chat_template_kwargs=kwargs, model_config=None).adjust_request(
@@ -289,5 +343,8 @@ def test_random_outputs_stream_like_they_parse(ernie_tokenizer):
             full.reasoning, full.content, full.calls
         ), case
         assert streamed.remaining_args == "", case
+        for name, arguments in full.calls:
+            assert name in names, case
+            json.loads(arguments)  # strict: what an OpenAI client does
         if tool and not reasoning and not full.calls:
             assert full.content == (output or None), case

@@ -1,47 +1,12 @@
 """``ernie45`` reasoning parser: ``reasoning</think>answer`` for ERNIE 4.5 Thinking models.
 
-Output format (the chat template ends the prompt with ``<think>\\n``)::
-
-    {reasoning}\\n</think>\\n\\n<response>\\n{answer}\\n</response>\\n
-    {reasoning}\\n</think>\\n\\n{answer}
-    {reasoning}\\n</think>\\n\\n<tool_call>\\n{...}\\n</tool_call>\\n
-
-Rules, identical streaming and not (the non-streaming result *is* the streaming state
-machine fed the whole text):
-
-* reasoning is everything before the first ``</think>``; a ``<think>`` the model writes
-  itself is dropped. No ``</think>`` at all (generation cut short) -> all reasoning.
-* content is what follows ``</think>`` up to the first ``<tool_call>``, with the
-  ``<response>``/``</response>`` markers removed. Whitespace around markers is framing:
-  reasoning and content are stripped of leading and trailing whitespace, inner whitespace
-  is kept.
-* from the first ``<tool_call>`` after ``</think>`` on, the text is handed over verbatim
-  (to the tool parser, or as plain content when none is configured); likewise an answer
-  that starts with ``{`` or ``[`` right after ``</think>`` (no ``<response>``): a JSON
-  answer -- ``tool_choice`` "required" or a named function, ``response_format`` -- that
-  vLLM parses itself.
-* thinking disabled -> no reasoning; all text is content, verbatim.
-
-**Thinking disabled** is known from the chat-template kwargs, ``enable_thinking: false``.
-vLLM (0.26 and later) passes the effective kwargs -- server defaults merged with the
-request's ``chat_template_kwargs`` -- to the reasoning parser's constructor for every
-request; the request's own ``chat_template_kwargs`` are the fallback. The bundled chat
-template also closes the reasoning block inside the prompt in that case
-(``<think>\\n\\n</think>\\n\\n``), so :meth:`is_reasoning_end` on the prompt ids is true as
-well; either signal makes it true, which is what vLLM uses to skip the reasoning phase when
-streaming and to start structured output at the first generated token. Not used: "no
-``</think>`` ever appeared" -- that cannot be known until generation ends, after the text
-was already streamed as reasoning.
-
-How this fits vLLM's ``Parser.parse_delta`` (0.26-0.33): after reasoning ends, vLLM no
-longer calls the reasoning parser, so a parser that ended reasoning at ``</think>`` could
-not remove ``</response>`` and its newlines from a streamed answer. This parser therefore
-sets ``engine_based_streaming`` and reports the end of its phase
-(:meth:`has_engine_confirmed_reasoning_end`) only when it hands text over (first
-``<tool_call>``, or a JSON answer); until then it streams the answer itself, and vLLM calls
-:meth:`finish_streaming` at the end of the stream for whatever it still holds.
-``is_reasoning_end`` / ``is_reasoning_end_streaming`` / ``extract_content_ids`` keep their
-token meaning (``</think>``) for structured output.
+:class:`ThinkSplitter` is one incremental state machine; non-streaming feeds it the whole
+text, so streamed and non-streamed results agree by construction. Reasoning is the text
+before the first ``</think>``; the answer follows without its ``<response>`` wrapper and
+framing whitespace; from the first ``<tool_call>`` on (with the whitespace before it), or
+from a JSON answer, the text is handed over verbatim to the tool parser. Thinking off is
+decided by :func:`vllm_ernie45.parsers.thinking.thinking_disabled`. How this fits vLLM's
+``Parser`` (``engine_based_streaming``, ``finish_streaming``): docs/parsers.md.
 """
 
 from __future__ import annotations
@@ -51,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from vllm_ernie45 import compat
+from vllm_ernie45.parsers.thinking import thinking_disabled
 
 _ReasoningParser, _ = compat.reasoning_parser_base()
 _protocol = compat.protocol_module()
@@ -67,7 +33,6 @@ _WS_RUNS = re.compile(r"(\s+)")
 
 
 # ----------------------------------------------------------------------------- text helpers
-# (shared with the tool parser)
 
 
 def split_markers(text: str, markers: Sequence[str]) -> tuple[list[tuple[str, bool]], str]:
@@ -142,16 +107,6 @@ class Framer:
         self.held = ""
 
 
-def thinking_disabled(chat_template_kwargs: Any) -> bool:
-    """``enable_thinking: false`` (also ``"false"``/``"0"``/``"no"``) in chat-template kwargs."""
-    if not isinstance(chat_template_kwargs, dict):
-        return False
-    value = chat_template_kwargs.get("enable_thinking")
-    if value is False:
-        return True
-    return isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off")
-
-
 # ----------------------------------------------------------------------------- state machine
 
 _REASONING, _CONTENT, _HANDED_OVER = 0, 1, 2
@@ -162,7 +117,8 @@ class ThinkSplitter:
     """Incremental ``reasoning</think>content<tool_call>...`` splitter.
 
     ``feed(text)`` and ``finish()`` return ``(reasoning, content)`` increments; ``content``
-    includes the verbatim text handed over from the first ``<tool_call>`` after ``</think>``.
+    includes the verbatim text handed over from the first ``<tool_call>`` after ``</think>``
+    (preceded by the whitespace that separated it from answer text).
     """
 
     def __init__(self, thinking: bool = True) -> None:
@@ -207,9 +163,11 @@ class ThinkSplitter:
             elif not is_marker or piece in (THINK_START, THINK_END):
                 content.append(self._content.text(piece))
             elif piece == TOOL_CALL_START:
+                # hand over with the whitespace between answer text and the block: the tool
+                # parser keeps it where the block is no call, or text follows the calls
+                content.append(self._content.held + piece)
                 self._content.end()
                 self.state = _HANDED_OVER
-                content.append(piece)
             else:  # <response> / </response>: dropped
                 self._answer_marked = True
         if self.state == _HANDED_OVER and self.pending:
@@ -237,7 +195,7 @@ class Ernie45ReasoningParser(_ReasoningParser):
     """Reasoning parser for ERNIE 4.5 Thinking models (``--reasoning-parser ernie45``)."""
 
     # Lets this parser decide when vLLM switches from the reasoning phase to the tool phase
-    # (see the module docstring); vLLM then also calls finish_streaming() at stream end.
+    # (docs/parsers.md); vLLM then also calls finish_streaming() at stream end.
     engine_based_streaming = True
 
     def __init__(self, tokenizer: Any, *args: Any, **kwargs: Any) -> None:

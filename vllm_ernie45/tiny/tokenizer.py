@@ -38,7 +38,8 @@ itself is not reachable from here:
 One deliberate extension: the released Thinking template always thinks (FastDeploy
 documents that it cannot be switched off) and appends the generation prompt whether or not
 ``add_generation_prompt`` is set. This template honours ``add_generation_prompt`` and the
-``enable_thinking`` chat-template kwarg: ``enable_thinking=False`` renders
+``enable_thinking`` chat-template kwarg: thinking off (``False``, ``0``, ``"false"``, ... -- the
+rule of :func:`vllm_ernie45.parsers.thinking.thinking_off_value`, spelled in Jinja) renders
 ``think_mode=False`` and closes the reasoning block in the prompt
 (``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``), so the prompt itself says that
 reasoning has ended -- which is what vLLM checks (``is_reasoning_end(prompt_ids)``) before it
@@ -74,7 +75,13 @@ SPECIAL_TOKENS = (UNK, BOS, EOS, *ERNIE_SPECIAL_TOKENS)
 
 CHAT_TEMPLATE = """\
 {#- ERNIE 4.5 Thinking chat format; sources in vllm_ernie45/tiny/tokenizer.py. -#}
-{%- set enable_thinking = enable_thinking if enable_thinking is defined else true -%}
+{#- Thinking is off for enable_thinking false, a number equal to 0, or the strings
+    false/0/no/off (any case, spaces ignored); anything else, absent or null: on. This is
+    vllm_ernie45.parsers.thinking.thinking_off_value, which the parsers use. -#}
+{%- set thinking_value = enable_thinking if enable_thinking is defined else none -%}
+{%- set enable_thinking = not (thinking_value is sameas false
+        or (thinking_value is number and thinking_value == 0)
+        or (thinking_value is string and (thinking_value | trim | lower) in ['false', '0', 'no', 'off'])) -%}
 {%- macro text_of(content) -%}
     {%- if content is string -%}
         {{- content -}}
