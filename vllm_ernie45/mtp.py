@@ -60,6 +60,9 @@ class SharedFromTarget(nn.Module):
     def __init__(self, what: str) -> None:
         super().__init__()
         self.what = what
+        # vLLM 0.26 reads the draft embedding's `.weight` before sharing (a width check it
+        # skips for a non-tensor).
+        self.weight = None
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(

@@ -40,6 +40,12 @@ def make_agree(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
             ):
                 tensor.fill_(1.0)
             elif "mtp_linear_proj" in name and name.endswith("weight"):
+                if tensor.dim() != 2:
+                    raise ValueError(
+                        f"{name} has shape {list(tensor.shape)}, not [H, 2H]: repacked by the "
+                        "platform (vLLM's CPU GEMMs); on CPU build the agreeing checkpoint "
+                        "with make_tiny_checkpoint(..., mtp_agree=True) instead"
+                    )
                 rows, cols = tensor.shape
                 hidden = min(rows, cols)
                 tensor.zero_()
