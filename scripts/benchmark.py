@@ -144,17 +144,34 @@ def table(results: dict[str, dict], scenarios: list[str], base: str = "intree") 
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def gpu_facts() -> dict:
+    """The GPU's name and vLLM's version, where there is a GPU."""
+    try:
+        import torch
+        import vllm
+
+        return {"gpu": torch.cuda.get_device_name(0), "vllm": vllm.__version__}
+    except Exception:  # no CUDA device: the report says nothing about one
+        return {}
+
+
+def bench_parser(description: str, scenarios: str, out: str) -> argparse.ArgumentParser:
+    """The arguments every same-call benchmark here takes (this one, mtp_benchmark.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True)
-    parser.add_argument("--impls", default="intree,plugin")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
-    parser.add_argument("--out", default="out/bench.json")
+    parser.add_argument("--scenarios", default=scenarios)
+    parser.add_argument("--out", default=out)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--quantization", default=None)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.88)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = bench_parser(__doc__.splitlines()[0], ",".join(SCENARIOS), "out/bench.json")
+    parser.add_argument("--impls", default="intree,plugin")
+    parser.add_argument("--quantization", default=None)
     args = parser.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     if args.child:
@@ -181,14 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     base = "intree" if "intree" in results else next(iter(results), "intree")
     report = {"config": args.config, "dtype": args.dtype, "quantization": args.quantization,
               "results": results, "table": table(results, args.scenarios, base)}
-    try:
-        import torch
-        import vllm
-
-        report["gpu"] = torch.cuda.get_device_name(0)
-        report["vllm"] = vllm.__version__
-    except Exception:
-        pass
+    report.update(gpu_facts())
     out.write_text(json.dumps(report, indent=1))
     print(report["table"])
     return 0 if len(results) == len(args.impls.split(",")) else 1

@@ -30,10 +30,8 @@ step_ms(k) measured at acceptance ~1 (the step that verifies k drafts).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -41,15 +39,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmark import _prompts, bench_parser, gpu_facts  # this folder is on sys.path (run as a script)
+
 from vllm_ernie45.child_run import ChildFailed, close_llm, judge_child, write_result
 
 SHAPES = {"bs1": (1, 128, 256), "bs32": (32, 512, 256)}
 PHASES = ("random", "agree")
-
-
-def _prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    return [{"prompt_token_ids": [rng.randrange(10, vocab) for _ in range(length)]} for _ in range(n)]
 
 
 def parse_run(run: str) -> tuple[str, int]:
@@ -76,7 +71,7 @@ def projection(step_ms: float, k: int, acceptance: float) -> float:
     return step_ms / tokens
 
 
-def child(args: argparse.Namespace) -> int:
+def child(args) -> int:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     from vllm import LLM, SamplingParams
 
@@ -158,15 +153,8 @@ def summary(results: dict[str, dict], scenarios: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser = bench_parser(__doc__.splitlines()[0], "bs1,bs32", "out/mtp.json")
     parser.add_argument("--runs", default="plain,plugin:1,intree:1")
-    parser.add_argument("--scenarios", default="bs1,bs32")
-    parser.add_argument("--out", default="out/mtp.json")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.88)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     if args.child:
@@ -194,14 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps({"config": args.config, "dtype": args.dtype, "results": results}, indent=1))
     report = {"config": args.config, "dtype": args.dtype, "results": results,
               "summary": summary(results, args.scenarios)}
-    try:
-        import torch
-        import vllm
-
-        report["gpu"] = torch.cuda.get_device_name(0)
-        report["vllm"] = vllm.__version__
-    except Exception:
-        pass
+    report.update(gpu_facts())
     out.write_text(json.dumps(report, indent=1))
     print(report["summary"])
     return 0 if len(results) == len(runs) else 1

@@ -133,3 +133,103 @@ def test_checkpoint_without_mtp_tensors_is_one_clear_error(random_head, tmp_path
 def test_config_without_mtp_layers_is_one_clear_error(tiny_checkpoint):
     out = _start_mtp(tiny_checkpoint("21b"))  # transformers-5 config: no num_nextn_predict_layers
     assert "needs ERNIE 4.5's MTP head, but the checkpoint's config.json has no 'num_nextn_predict_layers'" in out
+
+
+# --------------------------------------------------------------------------- against a reference
+
+
+def _partly_agreeing_head(path):
+    """The agreeing construction, loosened: every residual branch (target and MTP block) random
+    again, the hidden-state half of ``mtp_linear_proj`` a random matrix, the final norm random,
+    the embedding half still the identity. The draft then agrees with the target on about a
+    third of the positions (16 of 45 drafts here), and which ones depends on every part of its
+    computation -- hidden state (pre- or post-norm), attention with ERNIE's RoPE, FFN, final
+    norm, head."""
+    import torch
+
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    gen = torch.Generator().manual_seed(7)
+    for name, tensor in tensors.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensors[name] = torch.randn(tensor.shape, generator=gen) / tensor.shape[-1] ** 0.5
+        elif name == "model.mtp_linear_proj.0.weight":
+            hidden = tensor.shape[0]
+            tensor[:, hidden:] = torch.randn(hidden, hidden, generator=gen) / hidden**0.5
+        elif name == "model.norm.weight":
+            tensors[name] = 1.0 + 0.3 * torch.randn(tensor.shape, generator=gen)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    return path
+
+
+def _reference_drafts(model_dir, sequence: list[int]) -> list[int]:
+    """HF transformers' ERNIE model and decoder layer as the reference: the MTP head's greedy
+    draft at every position i of ``sequence`` (a prediction of token i + 2), teacher-forced,
+    computed as ERNIE's training code does (pre-norm trunk state, shared final norm)."""
+    import torch
+    from transformers import AutoConfig, Ernie4_5_MoeForCausalLM
+    from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import (
+        Ernie4_5_MoeDecoderLayer,
+        Ernie4_5_MoeRMSNorm,
+    )
+
+    config = AutoConfig.from_pretrained(model_dir)
+    model = Ernie4_5_MoeForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    captured = {}
+    model.model.norm.register_forward_pre_hook(lambda _m, args: captured.update(pre_norm=args[0]))
+    ids = torch.tensor([sequence])
+    with torch.no_grad():
+        model(input_ids=ids)
+        hidden = captured["pre_norm"][:, :-1]  # trunk state at positions 0 .. L-2
+        block = Ernie4_5_MoeDecoderLayer(config, layer_idx=0).eval()  # layer 0: dense FFN
+        block.load_state_dict({k.removeprefix("model.mtp_block.0."): v for k, v in tensors.items()
+                               if k.startswith("model.mtp_block.0.")})  # fmt: skip
+        norms = {}
+        for which in ("emb", "hidden"):
+            norms[which] = Ernie4_5_MoeRMSNorm(config.hidden_size, config.rms_norm_eps)
+            norms[which].weight.copy_(tensors[f"model.mtp_{which}_norm.0.weight"])
+        embeds = model.model.embed_tokens(ids[:, 1:])  # the next token at each position
+        x = torch.cat([norms["emb"](embeds), norms["hidden"](hidden)], dim=-1)
+        x = x @ tensors["model.mtp_linear_proj.0.weight"].T
+        positions = torch.arange(x.shape[1]).unsqueeze(0)
+        mask = torch.full((x.shape[1], x.shape[1]), float("-inf")).triu(1)[None, None]
+        y = block(x, attention_mask=mask, position_ids=positions,
+                  position_embeddings=model.model.rotary_emb(x, positions))  # fmt: skip
+        logits = model.lm_head(model.model.norm(y))
+    return logits[0].argmax(-1).tolist()
+
+
+def _simulated_k1(prompt_len: int, sequence: list[int], drafts: list[int]) -> tuple[int, int]:
+    """(drafted, accepted) of greedy k = 1 speculation over ``sequence``: after each step the
+    draft for the token after the newest one comes from the position before the newest."""
+    drafted = accepted = 0
+    newest = prompt_len  # the first generated token (from the prefill)
+    while newest + 1 < len(sequence):
+        drafted += 1
+        if drafts[newest - 1] == sequence[newest + 1]:
+            accepted += 1
+            newest += 2
+        else:
+            newest += 1
+    return drafted, accepted
+
+
+def test_draft_agrees_with_the_reference_mtp_head(prompts, tmp_path):
+    """vLLM's accepted-token count with the plugin's draft equals the count a reference MTP
+    head (HF's ERNIE layers, the training code's layout) gives on the same greedy sequences."""
+    model = _partly_agreeing_head(
+        make_tiny_checkpoint(tmp_path / "m", "legacy", with_tokenizer=False, mtp_agree=True)
+    )
+    plain = greedy(model, tmp_path, "plain", prompts, EAGER)
+    spec = greedy(model, tmp_path, "k1", prompts, mtp(1))
+    assert tokens(spec) == tokens(plain)
+    expected_drafted = expected_accepted = 0
+    for prompt, output in zip(json.loads(prompts.read_text()), tokens(plain)):
+        sequence = prompt + output
+        drafted, accepted = _simulated_k1(len(prompt), sequence, _reference_drafts(model, sequence))
+        expected_drafted += drafted
+        expected_accepted += accepted
+    counts = spec["spec_decode"]
+    assert 0 < expected_accepted < expected_drafted  # the head agrees only in part
+    assert (counts["accepted_tokens"], counts["drafts"]) == (expected_accepted, expected_drafted)

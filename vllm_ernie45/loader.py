@@ -161,13 +161,23 @@ def _readable(weights: Iterable[tuple[str, torch.Tensor]], model_dir: str):
         yield item
 
 
+def _listed_missing(schema: dict[str, TensorSpec], seen: set[str]) -> str:
+    """``"3 tensor(s): 'a', 'b', 'c'"`` (at most _MAX_LISTED named), or "" if none is missing."""
+    missing = [name for name in schema if name not in seen]
+    if not missing:
+        return ""
+    listed = ", ".join(repr(n) for n in missing[:_MAX_LISTED])
+    more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
+    return f"{len(missing)} tensor(s): {listed}{more}"
+
+
 def _check_shape(
     name: str, tensor: torch.Tensor, expected: tuple[int, ...], transposed_ok: bool = False
 ) -> torch.Tensor:
     """``tensor`` if it has the ``expected`` shape; transposed where the spec allows a 2-D
     tensor stored the other way round; otherwise a CheckpointError naming both shapes."""
     if transposed_ok and len(expected) == 2 and _shape(tensor) == expected[::-1] != expected:
-        logger.info_once("Checkpoint tensor %s is stored transposed %s; transposing it.", name, list(tensor.shape))
+        logger.info_once("Checkpoint tensor %s is stored transposed %s; transposing it.", name, str(list(tensor.shape)))
         return tensor.t().contiguous()
     if _shape(tensor) != expected:
         raise CheckpointError(
@@ -220,14 +230,9 @@ def load_checkpoint(
         if _load_tensor(param, param_path, tensor, spec, slots):
             loaded.add(param_path)
 
-    missing = [name for name in schema if name not in seen]
+    missing = _listed_missing(schema, seen)
     if missing:
-        listed = ", ".join(repr(n) for n in missing[:_MAX_LISTED])
-        more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
-        raise CheckpointError(
-            f"checkpoint is missing {len(missing)} tensor(s) the model config requires: "
-            f"{listed}{more}"
-        )
+        raise CheckpointError(f"checkpoint is missing {missing} the model config requires")
     if mtp:
         logger.info(
             "Set aside %d multi-token-prediction tensors (%s, ...; num_nextn_predict_layers=%d): "
@@ -270,14 +275,11 @@ def load_mtp_checkpoint(
         param_path = f"{spec.target.module}.{param_name}"
         _load_tensor(param, param_path, tensor, spec, {})
         loaded.add(param_path)
-    missing = [name for name in schema if name not in seen]
+    missing = _listed_missing(schema, seen)
     if missing:
-        listed = ", ".join(repr(n) for n in missing[:_MAX_LISTED])
-        more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
         raise CheckpointError(
             f"speculative decoding with method 'mtp' needs ERNIE 4.5's MTP head, but the "
-            f"checkpoint lacks {len(missing)} of its tensor(s): {listed}{more}. Use a -PT "
-            "checkpoint that ships the MTP block (num_nextn_predict_layers: 1), or serve "
-            "without --speculative-config."
+            f"checkpoint lacks {missing}. Use a -PT checkpoint that ships the MTP block "
+            "(num_nextn_predict_layers: 1), or serve without --speculative-config."
         )
     return loaded
