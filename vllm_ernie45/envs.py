@@ -14,8 +14,9 @@
     drafts with this plugin's compiled MTP head (``vllm_ernie45.mtp``); ``intree``: with
     vLLM's own ``ErnieMTP`` (for comparison).
 ``VLLM_ERNIE45_MTP_HIDDEN``
-    ``pre_norm`` (default): the MTP head gets the target's last hidden state before the final
-    norm, as ERNIE's training code feeds it; ``post_norm``: after it (FastDeploy, vLLM in-tree).
+    ``pre_norm`` (default): the plugin's MTP draft gets the target's last hidden state before
+    the final norm, as ERNIE's training code feeds it; ``post_norm``: after it (FastDeploy's
+    choice). vLLM's in-tree draft always gets the post-norm state it is built for.
 """
 
 from __future__ import annotations

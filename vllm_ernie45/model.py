@@ -85,10 +85,11 @@ class ErnieModel(nn.Module):
             ["hidden_states", "residual"], arch.hidden_size
         )
         # What the MTP draft gets (vllm_ernie45.mtp): the last layer's output before the final
-        # norm (or after it, VLLM_ERNIE45_MTP_HIDDEN=post_norm), copied inside the compiled
-        # forward into a buffer that outlives it, as vLLM's hook contract asks.
+        # norm (or after it, VLLM_ERNIE45_MTP_HIDDEN=post_norm, and always for vLLM's in-tree
+        # draft, which is built for that), copied inside the compiled forward into a buffer that
+        # outlives it, as vLLM's hook contract asks.
         self.mtp_hidden_buffer: torch.Tensor | None = None
-        self.mtp_pre_norm = envs.mtp_hidden_state() == "pre_norm"
+        self.mtp_pre_norm = envs.mtp_hidden_state() == "pre_norm" and envs.mtp_draft() == "plugin"
         spec = vllm_config.speculative_config
         if spec is not None and spec.method in MTP_METHODS and get_pp_group().is_last_rank:
             self.mtp_hidden_buffer = torch.empty(
