@@ -51,8 +51,13 @@ def agreeing_head(tmp_path_factory):
 
 
 def greedy(model, tmp_path, name: str, prompts, vllm_args: dict) -> dict:
+    env = None
+    if vllm_args.get("tensor_parallel_size", 1) > 1:
+        # vLLM's CPU workers bind their OpenMP threads per NUMA node; one node here, so bind
+        # each worker to a core by hand.
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     return run_vllm_greedy(model, tmp_path / f"{name}.json", prompts=prompts, max_tokens=MAX_TOKENS,
-                           top_k=1, vllm_args=vllm_args)  # fmt: skip
+                           top_k=1, vllm_args=vllm_args, env=env)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
