@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from vllm_ernie45.child_run import judge_child
-from vllm_ernie45.parity import compare
+from vllm_ernie45.parity import compare, run_in_child
 from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
 
 CHECKPOINTS = {
@@ -50,15 +47,6 @@ ENGINES = {
 }
 
 
-def _run(args: list[str], env: dict[str, str]) -> dict:
-    """One ``vllm_ernie45.parity`` child; its result, judged by exit status and result file."""
-    full = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **env}
-    proc = subprocess.run([sys.executable, "-m", "vllm_ernie45.parity", *args], env=full,
-                          capture_output=True, text=True)
-    out = args[args.index("--out") + 1]
-    return judge_child(proc.returncode, out, f"{args[:2]}:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/gpu_parity.json")
@@ -78,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         for engine in engines:
             env, vllm_args = ENGINES[engine]
             out = work / f"{ck}.{engine}.json"
-            runs[engine] = _run(["--engine", "vllm", "--model", str(model), "--out", str(out), "--dtype", dtype,
+            runs[engine] = run_in_child(["--engine", "vllm", "--model", str(model), "--out", str(out), "--dtype", dtype,
                   "--max-tokens", str(args.max_tokens), "--vllm-args", json.dumps(vllm_args)], env)
             ref = work / f"{ck}.{engine}.hf.json"
-            reference = _run(["--engine", "hf", "--model", str(model), "--out", str(ref), "--dtype", dtype,
+            reference = run_in_child(["--engine", "hf", "--model", str(model), "--out", str(ref), "--dtype", dtype,
                   "--device", "cuda", "--max-tokens", str(args.max_tokens), "--track", str(out)], {})
             cmp = compare(runs[engine], reference)
             report[f"{ck} {engine} vs hf"] = {**cmp.__dict__, "model_class": runs[engine].get("model_class"),

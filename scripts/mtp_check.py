@@ -14,25 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from vllm_ernie45.child_run import judge_child
-from vllm_ernie45.parity import default_prompts
+from vllm_ernie45.parity import default_prompts, run_in_child
 from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
 
 
 def run_engine(model: Path, out: Path, prompts: Path, vllm_args: dict, max_tokens: int, dtype: str,
                env: dict | None = None) -> dict:
-    cmd = [sys.executable, "-m", "vllm_ernie45.parity", "--engine", "vllm", "--model", str(model),
-           "--out", str(out), "--prompts", str(prompts), "--max-tokens", str(max_tokens),
-           "--top-k", "1", "--dtype", dtype, "--vllm-args", json.dumps(vllm_args)]
-    full_env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env)
-    return judge_child(proc.returncode, out, f"{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}")
+    return run_in_child(["--engine", "vllm", "--model", str(model), "--out", str(out), "--prompts", str(prompts),
+                         "--max-tokens", str(max_tokens), "--top-k", "1", "--dtype", dtype,
+                         "--vllm-args", json.dumps(vllm_args)], env=env)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,15 +43,29 @@ def run_python(args: list[str], timeout: int = 600, env: dict | None = None) -> 
     )
 
 
+def start_vllm_must_fail(model: Path, max_model_len: int = 256, **llm_kwargs) -> str:
+    """Start ``vllm.LLM`` on ``model`` (fp32, eager, CPU memory fraction); it must fail.
+    Returns its combined output, for the test to find the error message in."""
+    code = (
+        "import vllm\n"
+        "if __name__ == '__main__':\n"
+        f"    vllm.LLM(model={str(model)!r}, dtype='float32', enforce_eager=True,\n"
+        f"             skip_tokenizer_init=True, max_model_len={max_model_len},\n"
+        f"             gpu_memory_utilization=0.3, **{llm_kwargs!r})\n"
+    )
+    proc = run_python(["-c", code], timeout=300)
+    assert proc.returncode != 0, f"vLLM started on {model}, which it must refuse"
+    return proc.stdout + proc.stderr
+
+
 def run_vllm_greedy(model: Path, out: Path, **kw) -> dict:
     """Greedy decode through vllm.LLM in a child process; return the parity JSON."""
-    args = ["-m", "vllm_ernie45.parity", "--engine", "vllm", "--model", str(model), "--out", str(out)]
+    from vllm_ernie45.parity import run_in_child
+
+    args = ["--engine", "vllm", "--model", str(model), "--out", str(out)]
     vllm_args = kw.pop("vllm_args", {"enforce_eager": True})
     env = kw.pop("env", None)
     args += ["--vllm-args", json.dumps(vllm_args)]
     for key, value in kw.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    proc = run_python(args, env=env)
-    from vllm_ernie45.child_run import judge_child
-
-    return judge_child(proc.returncode, out, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return run_in_child(args, env=env, timeout=600)

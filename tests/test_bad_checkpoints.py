@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from vllm_ernie45.checkpoint import CheckpointError, checkpoint_schema
 from vllm_ernie45.config import arch_from_config
 
-from conftest import run_python
+from conftest import start_vllm_must_fail
 
 EXPERT = "model.layers.2.mlp.experts.3.up_proj.weight"
 
@@ -26,20 +26,6 @@ def _damaged_copy(src, dst, edit):
     edit(tensors)
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
-
-
-def _start_vllm(model, max_model_len: int = 256) -> str:
-    """Start vLLM on ``model``; it must fail. Returns its combined output."""
-    code = (
-        "import vllm\n"
-        "if __name__ == '__main__':\n"
-        f"    vllm.LLM(model={str(model)!r}, dtype='float32', enforce_eager=True,\n"
-        f"             skip_tokenizer_init=True, max_model_len={max_model_len},\n"
-        "             gpu_memory_utilization=0.3)\n"
-    )
-    proc = run_python(["-c", code], timeout=300)
-    assert proc.returncode != 0, "vLLM started on a broken checkpoint"
-    return proc.stdout + proc.stderr
 
 
 CASES = {
@@ -59,7 +45,7 @@ CASES = {
 def test_vllm_refuses_broken_checkpoint(case, tiny_checkpoint, tmp_path):
     edit, messages = CASES[case]
     model = _damaged_copy(tiny_checkpoint("21b"), tmp_path / case, edit)
-    output = _start_vllm(model)
+    output = start_vllm_must_fail(model)
     assert "CheckpointError" in output, output[-3000:]
     for message in messages:
         assert message in output, output[-3000:]
@@ -101,7 +87,7 @@ STARTUP_CASES = {
 def test_bad_startup_input_gets_one_clear_message(case, tiny_checkpoint, tmp_path):
     damage, kwargs, fragments = STARTUP_CASES[case]
     model = damage(Path(shutil.copytree(tiny_checkpoint("21b"), tmp_path / case)))
-    output = _start_vllm(model, **kwargs)
+    output = start_vllm_must_fail(model, **kwargs)
     for fragment in fragments:
         assert fragment in output, output[-3000:]
 

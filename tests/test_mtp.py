@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from vllm_ernie45.parity import default_prompts
 from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
 
-from conftest import run_python, run_vllm_greedy
+from conftest import run_vllm_greedy, start_vllm_must_fail
 
 MAX_TOKENS = 16
 EAGER = {"enforce_eager": True}
@@ -111,18 +111,7 @@ def test_lossless_under_tensor_parallel_2(random_head, random_plain, agreeing_he
     assert acceptance(agreed) >= 0.95, agreed["spec_decode"]
 
 
-def _start_mtp(model) -> str:
-    """Start vLLM with MTP on ``model``; it must fail. Returns its combined output."""
-    code = (
-        "import vllm\n"
-        "if __name__ == '__main__':\n"
-        f"    vllm.LLM(model={str(model)!r}, dtype='float32', enforce_eager=True,\n"
-        "             skip_tokenizer_init=True, max_model_len=256, gpu_memory_utilization=0.3,\n"
-        "             speculative_config={'method': 'mtp', 'num_speculative_tokens': 1})\n"
-    )
-    proc = run_python(["-c", code], timeout=300)
-    assert proc.returncode != 0, "vLLM started MTP on a checkpoint without an MTP head"
-    return proc.stdout + proc.stderr
+MTP_1 = {"method": "mtp", "num_speculative_tokens": 1}
 
 
 def test_checkpoint_without_mtp_tensors_is_one_clear_error(random_head, tmp_path):
@@ -130,13 +119,13 @@ def test_checkpoint_without_mtp_tensors_is_one_clear_error(random_head, tmp_path
     shutil.copytree(random_head, broken)
     tensors = {k: v for k, v in load_file(str(broken / "model.safetensors")).items() if ".mtp_" not in k}
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
-    out = _start_mtp(broken)
+    out = start_vllm_must_fail(broken, speculative_config=MTP_1)
     assert "needs ERNIE 4.5's MTP head, but the checkpoint lacks" in out
     assert "'model.mtp_emb_norm.0.weight'" in out and "'model.mtp_linear_proj.0.weight'" in out
 
 
 def test_config_without_mtp_layers_is_one_clear_error(tiny_checkpoint):
-    out = _start_mtp(tiny_checkpoint("21b"))  # transformers-5 config: no num_nextn_predict_layers
+    out = start_vllm_must_fail(tiny_checkpoint("21b"), speculative_config=MTP_1)  # transformers-5 config: no num_nextn_predict_layers
     assert "needs ERNIE 4.5's MTP head, but the checkpoint's config.json has no 'num_nextn_predict_layers'" in out
 
 

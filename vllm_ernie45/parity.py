@@ -207,6 +207,20 @@ def compare(test: dict[str, Any], ref: dict[str, Any]) -> Comparison:
     return Comparison(tokens_equal, mismatch, max_dec, max_pre, n)
 
 
+def run_in_child(cli_args: list[str], env: dict[str, str] | None = None, timeout: int | None = None) -> dict[str, Any]:
+    """``python -m vllm_ernie45.parity CLI_ARGS`` in its own process; its result, judged by
+    exit status, complete result file and clean engine shutdown (``vllm_ernie45.child_run``)."""
+    import subprocess
+
+    from vllm_ernie45.child_run import judge_child
+
+    full_env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "vllm_ernie45.parity", *cli_args],
+                          capture_output=True, text=True, env=full_env, timeout=timeout)  # fmt: skip
+    out = cli_args[cli_args.index("--out") + 1]
+    return judge_child(proc.returncode, out, f"{cli_args[:2]}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=("vllm", "hf"), required=True)
