@@ -72,6 +72,10 @@ def child(args: argparse.Namespace) -> int:
     )
     if args.quantization:
         engine_args["quantization"] = args.quantization
+    if args.tensor_parallel_size > 1:
+        engine_args["tensor_parallel_size"] = args.tensor_parallel_size
+    if args.enable_expert_parallel:
+        engine_args["enable_expert_parallel"] = True
     t0 = time.perf_counter()
     llm = LLM(**engine_args)
     startup = time.perf_counter() - t0
@@ -172,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__.splitlines()[0], ",".join(SCENARIOS), "out/bench.json")
     parser.add_argument("--impls", default="intree,plugin")
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--enable-expert-parallel", action="store_true")
     args = parser.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     if args.child:
@@ -187,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--repeats", str(args.repeats)]
         if args.quantization:
             cmd += ["--quantization", args.quantization]
+        cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+        if args.enable_expert_parallel:
+            cmd.append("--enable-expert-parallel")
         env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **IMPLS[impl.split("@")[0]]}
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env)
@@ -197,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{impl}] FAILED: {err}", flush=True)
     base = "intree" if "intree" in results else next(iter(results), "intree")
     report = {"config": args.config, "dtype": args.dtype, "quantization": args.quantization,
+              "tensor_parallel_size": args.tensor_parallel_size,
+              "enable_expert_parallel": args.enable_expert_parallel,
               "results": results, "table": table(results, args.scenarios, base)}
     report.update(gpu_facts())
     out.write_text(json.dumps(report, indent=1))

@@ -231,7 +231,12 @@ def weight_bytes(top_k: int, H: int, N: int, tokens: int, E: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="66:8,64:6", help="E:top_k pairs (E=66: 2 fused shared experts)")
+    ap.add_argument(
+        "--shapes",
+        default="66:8,64:6",
+        help="E:top_k[:N[:H]] per shape (E=66: 2 fused shared experts); N and H default to "
+        "--inter and --hidden. Per-rank shapes: TP=t divides N by t, EP=e divides E by e.",
+    )
     ap.add_argument("--hidden", type=int, default=2560)
     ap.add_argument("--inter", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=4)
@@ -263,17 +268,20 @@ def main() -> None:
     summary = {"gpu": torch.cuda.get_device_name(), "shapes": {}}
     tables: dict[str, dict] = {}
     for shape in args.shapes.split(","):
-        E, top_k = map(int, shape.split(":"))
-        log(f"E={E} top_k={top_k} H={args.hidden} N={args.inter}")
-        p = Problem(E, top_k, args.hidden, args.inter, 1, args.layers, torch.bfloat16)
+        parts = [int(x) for x in shape.split(":")]
+        E, top_k = parts[:2]
+        N = parts[2] if len(parts) > 2 else args.inter
+        H = parts[3] if len(parts) > 3 else args.hidden
+        log(f"E={E} top_k={top_k} H={H} N={N}")
+        p = Problem(E, top_k, H, N, 1, args.layers, torch.bfloat16)
         tuned, fused = tune_triton(
             p, [int(t) for t in args.triton_tokens.split(",")], args.layers, args.reps, args.procs, log
         )
-        name = get_config_file_name(E, args.inter, None)
+        name = get_config_file_name(E, N, None)
         tables[name] = {"triton_version": triton.__version__, **{str(k): v for k, v in tuned.items()}}
         entry = {"fused": {str(k): v for k, v in fused.items()}}
         for t, v in fused.items():
-            gb = weight_bytes(top_k, args.hidden, args.inter, t, E) / 1e9
+            gb = weight_bytes(top_k, H, N, t, E) / 1e9
             v["weights_gb_per_s"] = round(gb / v["tuned_us"] * 1e6, 1)
         summary["shapes"][shape] = entry
         for name, table in tables.items():
