@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vllm_ernie45.checkpoint import CheckpointError, checkpoint_schema
+from vllm_ernie45.checkpoint import CheckpointError, pt_schema
 from vllm_ernie45.config import arch_from_config
 
 from conftest import start_vllm_must_fail
@@ -110,4 +110,4 @@ def test_loader_rejects_duplicate_and_reports_many_missing(tiny_checkpoint):
     assert torch.equal(root.model.norm.weight, tensors[name])
     with pytest.raises(CheckpointError, match=r"missing \d+ tensor\(s\).* and \d+ more"):
         load_checkpoint(torch.nn.Module(), arch, [])
-    assert len(checkpoint_schema(arch)) > 8
+    assert len(pt_schema(arch).tensors) > 8

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from vllm_ernie45.checkpoint import checkpoint_schema, is_mtp_tensor, mtp_schema
+from vllm_ernie45.checkpoint import OPTIONAL, Reshape, Stack, Target, is_mtp_tensor, mtp_schema, pt_schema
 from vllm_ernie45.config import ErnieConfigError, arch_from_config
 from vllm_ernie45.tiny.checkpoint import variant_config
 
@@ -74,33 +74,37 @@ def test_bad_config_names_the_key(change, message):
 
 @pytest.mark.parametrize("variant", ["21b", "300b", "interval", "bias", "legacy", "dense"])
 def test_schema_matches_what_transformers_saves(variant, tiny_checkpoint):
-    """Every tensor HF's save_pretrained writes is in the schema with the same shape, and
-    nothing in the schema is missing from it (MTP tensors of the legacy variant aside)."""
+    """Every tensor HF's save_pretrained writes is in the schema in a stored form it accepts,
+    and every tensor the schema requires is there (MTP tensors of the legacy variant aside)."""
     from safetensors import safe_open
 
     path = tiny_checkpoint(variant)
     config = json.loads((path / "config.json").read_text())
-    schema = checkpoint_schema(arch_from_config(config))
+    schema = pt_schema(arch_from_config(config))
     with safe_open(str(path / "model.safetensors"), "pt") as f:
         saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     mtp = {k for k in saved if is_mtp_tensor(k)}
     if variant == "legacy":  # ERNIE's MTP head: the MTP schema, less the shared final norm
         arch = arch_from_config(config)
-        mtp_expected = {k: s.shape for k, s in mtp_schema(arch).items() if is_mtp_tensor(k)}
+        mtp_expected = {k: s for k, s in mtp_schema(arch).shapes.items() if is_mtp_tensor(k)}
         assert {k: saved[k] for k in mtp} == mtp_expected
     else:
         assert not mtp
-    assert {k: v for k, v in saved.items() if k not in mtp} == {k: s.shape for k, s in schema.items()}
+    main = {k: v for k, v in saved.items() if k not in mtp}
+    assert all(schema.tensors[k].accepts(shape) for k, shape in main.items())
+    assert set(schema.required()) <= set(main) <= set(schema.tensors)
 
 
 def test_schema_targets_cover_each_param_family():
     arch = arch_from_config(HUB_21B)
-    schema = checkpoint_schema(arch)
-    spec = schema["model.layers.5.mlp.experts.63.down_proj.weight"]
-    assert spec.shape == (2560, 1536) and spec.target.param == "w2_weight"
-    assert spec.target.shard == "w2" and spec.target.expert == 63 and spec.layer == 5
-    assert schema["model.layers.0.mlp.up_proj.weight"].target.shard == 1
-    assert schema["model.layers.3.self_attn.k_proj.weight"].target.module.endswith("qkv_proj")
-    assert "lm_head.weight" not in schema  # tied
-    assert "model.layers.0.mlp.gate.weight" not in schema  # layer 0 is dense
-    assert len(schema) == 2 + 27 * (2 + 4 + 2 + 3 + 64 * 3) + (2 + 4 + 3)
+    tensors = pt_schema(arch).tensors
+    spec = tensors["model.layers.5.mlp.experts.63.down_proj.weight"]
+    assert spec.shape == (2560, 1536) and spec.target == Target("model.layers.5.mlp.experts", "w2_weight")
+    assert spec.place == Stack("w2", expert=63)
+    assert tensors["model.layers.0.mlp.up_proj.weight"].place == Stack(1)
+    assert tensors["model.layers.3.self_attn.k_proj.weight"].target.module.endswith("qkv_proj")
+    bias = tensors["model.layers.3.mlp.moe_statics.e_score_correction_bias"]
+    assert bias.shape == (64,) and bias.stored_as == (Reshape((1, 64)),)  # published [1, E]
+    assert tensors["lm_head.weight"].if_absent == OPTIONAL and tensors["lm_head.weight"].target is None  # tied
+    assert "model.layers.0.mlp.gate.weight" not in tensors  # layer 0 is dense
+    assert len(tensors) == 3 + 27 * (2 + 4 + 2 + 3 + 64 * 3) + (2 + 4 + 3)

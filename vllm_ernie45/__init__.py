@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 MODEL_CLASSES = {
     "Ernie4_5_MoeForCausalLM": "vllm_ernie45.model:ErnieMoeForCausalLM",
     "Ernie4_5ForCausalLM": "vllm_ernie45.model:ErnieDenseForCausalLM",  # ERNIE-4.5-0.3B
+    # The 0.3B-PT snapshots published before the hub renamed the architecture.
+    "Ernie4_5_ForCausalLM": "vllm_ernie45.model:ErnieDenseForCausalLM",
 }
 # The draft vLLM builds for speculative_config method "mtp" on an ERNIE 4.5 MoE target.
 MTP_DRAFT_CLASS = ("ErnieMTPModel", "vllm_ernie45.mtp:ErnieMTPDraft")

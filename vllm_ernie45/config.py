@@ -88,6 +88,9 @@ class ErnieArch:
     moe_layer_end: int = -1
     moe_layer_interval: int = 1
     moe_norm_min: float = DEFAULT_MOE_NORM_MIN
+    # False (legacy key ``moe_use_aux_free``): trained without the expert-selection
+    # correction bias; a checkpoint without it has a zero bias.
+    moe_use_aux_free: bool = True
     num_mtp_layers: int = 0
     # HF's Ernie4_5_MoeForCausalLM gives the LM head a bias when use_bias is set (the dense
     # Ernie4_5ForCausalLM never does); it applies to tied heads too.
@@ -126,22 +129,15 @@ def _positive_int(config: Any, key: str, default: Any = None) -> int:
     return value
 
 
-def check_raw_config(config: Any) -> None:
-    """Check the checkpoint's own config.json for the keys ERNIE needs.
+def is_moe_config(raw: dict[str, Any]) -> bool:
+    return bool(raw.get("moe_num_experts")) or raw.get("model_type") == "ernie4_5_moe"
 
-    transformers fills a missing key with the 21B-A3B default, which would surface later as
-    a confusing tensor-shape mismatch; this names the missing key instead. Only for a local
-    checkpoint directory (a hub id is checked by the shapes alone)."""
-    import json
-    import os
 
-    path = os.path.join(str(_get(config, "_name_or_path", "") or ""), "config.json")
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    moe = bool(raw.get("moe_num_experts")) or raw.get("model_type") == "ernie4_5_moe"
-    required = _REQUIRED_KEYS + (("moe_num_experts",) + _REQUIRED_MOE_KEYS if moe else ())
+def check_raw_config(raw: dict[str, Any], path: str) -> None:
+    """Check a checkpoint's own config.json (``raw``, read from ``path``) for the keys ERNIE
+    needs and no tensor can tell: transformers would fill a missing one with the 21B-A3B
+    default, which would surface later as a confusing tensor-shape mismatch."""
+    required = _REQUIRED_KEYS + (("moe_num_experts",) + _REQUIRED_MOE_KEYS if is_moe_config(raw) else ())
     missing = [key for key in required if key not in raw]
     if missing:
         raise ErnieConfigError(
@@ -194,6 +190,7 @@ def arch_from_config(config: Any) -> ErnieArch:
             moe_layer_end=int(_scalar(end, "moe_layer_end_index")),
             moe_layer_interval=interval,
             moe_norm_min=float(norm_min) if norm_min is not None else DEFAULT_MOE_NORM_MIN,
+            moe_use_aux_free=bool(_get(config, "moe_use_aux_free", True)),
         )
 
     return ErnieArch(

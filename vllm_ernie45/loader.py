@@ -1,9 +1,11 @@
-"""Load a -PT safetensors checkpoint into the plugin's model, strictly.
+"""Load a safetensors checkpoint into the plugin's models, strictly, as a schema says.
 
-Every tensor is checked against :func:`vllm_ernie45.checkpoint.checkpoint_schema`: an
-unexpected name, a duplicate, a wrong shape (both shapes named) or a tensor the config
-requires but the checkpoint lacks is a :class:`CheckpointError`; nothing is left randomly
-initialised. Tensors of the MTP head (``mtp_*``) are set aside with an INFO line.
+One loader, :func:`load_with_schema`, reads any :class:`vllm_ernie45.checkpoint.CheckpointSchema`
+(the -PT main model, the MTP block): each tensor is checked against its spec (an unexpected
+name, a duplicate, a shape none of its stored forms has, or a required tensor the checkpoint
+lacks is a :class:`CheckpointError` naming it), brought to the model's shape by the transform of
+its stored form (reshape, transpose), and placed as the spec says (whole, stacked as one shard
+of a merged parameter, split into fused experts). Nothing is left randomly initialised.
 
 Loading is local: under pipeline parallelism a rank skips layers it does not hold, and
 under expert parallelism the fused-MoE weight loader keeps only this rank's experts (each
@@ -24,13 +26,16 @@ from vllm.model_executor.models.utils import PPMissingLayer
 
 from vllm_ernie45 import compat
 from vllm_ernie45.checkpoint import (
-    MTP_PREFIX,
-    OPTIONAL_WHEN_TIED,
+    REQUIRED,
+    ZEROS,
     CheckpointError,
+    CheckpointSchema,
+    Split,
+    Stack,
+    Target,
     TensorSpec,
-    checkpoint_schema,
-    is_mtp_tensor,
     mtp_schema,
+    pt_schema,
 )
 from vllm_ernie45.config import ErnieArch
 
@@ -83,50 +88,6 @@ def _physical_slots(model: nn.Module, arch: ErnieArch) -> dict[int, list[int]]:
     return slots
 
 
-def _expert_pieces(tensor: torch.Tensor, spec: TensorSpec) -> list[tuple[int, torch.Tensor]]:
-    """(logical expert id, weight) pairs of a per-expert or fused-shared-expert tensor."""
-    target = spec.target
-    if not target.split:
-        return [(target.expert, tensor)]
-    dim = 1 if target.shard == "w2" else 0  # the intermediate dimension
-    return [
-        (target.expert + j, piece.contiguous())
-        for j, piece in enumerate(tensor.chunk(target.split, dim=dim))
-    ]
-
-
-def _load_tensor(
-    param: nn.Parameter,
-    param_path: str,
-    tensor: torch.Tensor,
-    spec: TensorSpec,
-    slots: dict[int, list[int]],
-) -> bool:
-    target = spec.target
-    if target.expert is not None:
-        loaded = False
-        for expert, weight in _expert_pieces(tensor, spec):
-            for physical in slots[expert]:
-                loaded |= bool(
-                    param.weight_loader(
-                        param,
-                        weight,
-                        weight_name=param_path,
-                        shard_id=target.shard,
-                        expert_id=physical,
-                        return_success=True,
-                    )
-                )
-        return loaded  # False: none of this expert's slots live on this rank
-    if target.param == "e_score_correction_bias":
-        tensor = tensor.reshape(-1)  # stored as [1, E]
-    if target.shard is not None:
-        param.weight_loader(param, tensor, target.shard)
-    else:
-        getattr(param, "weight_loader", default_weight_loader)(param, tensor)
-    return True
-
-
 def _unreadable_files(model_dir: str) -> list[str]:
     """The *.safetensors files in ``model_dir`` whose header or data do not read back."""
     from safetensors import safe_open
@@ -161,30 +122,123 @@ def _readable(weights: Iterable[tuple[str, torch.Tensor]], model_dir: str):
         yield item
 
 
-def _listed_missing(schema: dict[str, TensorSpec], seen: set[str]) -> str:
-    """``"3 tensor(s): 'a', 'b', 'c'"`` (at most _MAX_LISTED named), or "" if none is missing."""
-    missing = [name for name in schema if name not in seen]
-    if not missing:
-        return ""
-    listed = ", ".join(repr(n) for n in missing[:_MAX_LISTED])
-    more = f" and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
-    return f"{len(missing)} tensor(s): {listed}{more}"
+def _listed(names: list[str]) -> str:
+    """``"3 tensor(s): 'a', 'b', 'c'"`` (at most _MAX_LISTED named)."""
+    listed = ", ".join(repr(n) for n in names[:_MAX_LISTED])
+    more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return f"{len(names)} tensor(s): {listed}{more}"
 
 
-def _check_shape(
-    name: str, tensor: torch.Tensor, expected: tuple[int, ...], transposed_ok: bool = False
-) -> torch.Tensor:
-    """``tensor`` if it has the ``expected`` shape; transposed where the spec allows a 2-D
-    tensor stored the other way round; otherwise a CheckpointError naming both shapes."""
-    if transposed_ok and len(expected) == 2 and _shape(tensor) == expected[::-1] != expected:
-        logger.info_once("Checkpoint tensor %s is stored transposed %s; transposing it.", name, str(list(tensor.shape)))
-        return tensor.t().contiguous()
-    if _shape(tensor) != expected:
+def _to_model_shape(name: str, tensor: torch.Tensor, spec: TensorSpec) -> torch.Tensor:
+    """``tensor`` in the shape the model takes: as stored, or through the transform of the
+    stored form it has; otherwise a CheckpointError naming both shapes."""
+    stored = _shape(tensor)
+    if stored == spec.shape:
+        return tensor
+    transform = spec.transform_for(stored)
+    if transform is None:
         raise CheckpointError(
-            f"checkpoint tensor {name!r} has shape {list(tensor.shape)}, but the model "
-            f"config implies {list(expected)}"
+            f"checkpoint tensor {name!r} has shape {list(stored)}, but the model config "
+            f"implies {list(spec.shape)}"
         )
-    return tensor
+    logger.info_once(
+        "Checkpoint tensor %s is stored as %s; %s to %s.",
+        name, str(list(stored)), type(transform).__name__.lower(), str(list(spec.shape)),
+    )
+    return transform.apply(tensor, spec.shape)
+
+
+def _place(
+    param: nn.Parameter,
+    param_path: str,
+    tensor: torch.Tensor,
+    place: Stack | Split | None,
+    slots: dict[int, list[int]],
+) -> bool:
+    """Load ``tensor`` into ``param`` as ``place`` says; False where it belongs to experts that
+    live on other expert-parallel ranks."""
+    if place is None:
+        getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+        return True
+    if isinstance(place, Stack) and place.expert is None:
+        param.weight_loader(param, tensor, place.shard)
+        return True
+    if isinstance(place, Split):
+        pieces = [
+            (place.first_expert + j, piece.contiguous())
+            for j, piece in enumerate(tensor.chunk(place.pieces, dim=place.dim))
+        ]
+    else:
+        pieces = [(place.expert, tensor)]
+    loaded = False
+    for expert, weight in pieces:
+        for physical in slots[expert]:  # every slot EPLB gives this logical expert
+            loaded |= bool(
+                param.weight_loader(
+                    param,
+                    weight,
+                    weight_name=param_path,
+                    shard_id=place.shard,
+                    expert_id=physical,
+                    return_success=True,
+                )
+            )
+    return loaded
+
+
+def _param_of(model: nn.Module, target: Target) -> tuple[str, nn.Parameter] | None:
+    """(dotted path, parameter) of ``target``, or None where another pipeline stage holds it."""
+    module = _local_module(model, target.module)
+    if module is None:
+        return None
+    param_name, param = _find_param(module, target.module, target.param)
+    return f"{target.module}.{param_name}", param
+
+
+def load_with_schema(
+    model: nn.Module,
+    schema: CheckpointSchema,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    slots: dict[int, list[int]] | None = None,
+) -> set[str]:
+    """Load ``weights`` into ``model`` as ``schema`` says; return the parameters filled.
+
+    An unlisted tensor the schema does not skip, a duplicate, a shape no stored form of the
+    tensor has, or a REQUIRED tensor the checkpoint lacks is a CheckpointError naming it."""
+    seen: set[str] = set()
+    loaded: set[str] = set()
+    skipped: list[str] = []
+    model_dir = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    for name, tensor in _readable(weights, model_dir):
+        spec = schema.tensors.get(name)
+        if spec is None:
+            if schema.skips(name):
+                skipped.append(name)
+                continue
+            raise CheckpointError(schema.unexpected.format(name=name, shape=list(tensor.shape)))
+        if name in seen:
+            raise CheckpointError(f"checkpoint tensor {name!r} appears more than once")
+        seen.add(name)
+        tensor = _to_model_shape(name, tensor, spec)
+        found = _param_of(model, spec.target) if spec.target is not None else None
+        if found is not None and _place(found[1], found[0], tensor, spec.place, slots or {}):
+            loaded.add(found[0])
+
+    absent = [n for n in schema.tensors if n not in seen]
+    missing = [n for n in absent if schema.tensors[n].if_absent == REQUIRED]
+    if missing:
+        raise CheckpointError(schema.missing.format(missing=_listed(missing)))
+    zeroed = [n for n in absent if schema.tensors[n].if_absent == ZEROS]
+    for name in zeroed:
+        found = _param_of(model, schema.tensors[name].target)
+        if found is not None:
+            found[1].data.zero_()
+            loaded.add(found[0])
+    if zeroed and schema.zeros_note:
+        logger.info(schema.zeros_note.format(count=len(zeroed), first=zeroed[0]))
+    if skipped and schema.skip_note:
+        logger.info(schema.skip_note.format(count=len(skipped), first=skipped[0]))
+    return loaded
 
 
 def load_checkpoint(
@@ -193,93 +247,13 @@ def load_checkpoint(
     weights: Iterable[tuple[str, torch.Tensor]],
     fused_shared: bool = False,
 ) -> set[str]:
-    """Load ``weights`` into ``model``; return the names of the parameters filled."""
-    schema = checkpoint_schema(arch, fused_shared)
-    slots = _physical_slots(model, arch)
-    seen: set[str] = set()
-    loaded: set[str] = set()
-    mtp: list[str] = []
-
-    model_dir = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    for name, tensor in _readable(weights, model_dir):
-        if is_mtp_tensor(name):
-            mtp.append(name)
-            continue
-        spec = schema.get(name)
-        if spec is None:
-            if name == OPTIONAL_WHEN_TIED and arch.tie_word_embeddings:
-                # A tied checkpoint may carry the head too; the embedding fills it.
-                _check_shape(name, tensor, (arch.vocab_size, arch.hidden_size))
-                continue
-            raise CheckpointError(
-                f"unexpected checkpoint tensor {name!r} (shape {list(tensor.shape)}): it is "
-                f"not part of an ERNIE 4.5 checkpoint with this config "
-                f"({arch.num_layers} layers, MoE layers {arch.moe_layer_indices or 'none'}, "
-                f"use_bias={arch.use_bias}, tie_word_embeddings={arch.tie_word_embeddings})"
-            )
-        if name in seen:
-            raise CheckpointError(f"checkpoint tensor {name!r} appears more than once")
-        seen.add(name)
-        tensor = _check_shape(name, tensor, spec.shape, spec.transposed_ok)
-
-        module = _local_module(model, spec.target.module)
-        if module is None:
-            continue  # another pipeline stage holds it
-        param_name, param = _find_param(module, spec.target.module, spec.target.param)
-        param_path = f"{spec.target.module}.{param_name}"
-        if _load_tensor(param, param_path, tensor, spec, slots):
-            loaded.add(param_path)
-
-    missing = _listed_missing(schema, seen)
-    if missing:
-        raise CheckpointError(f"checkpoint is missing {missing} the model config requires")
-    if mtp:
-        logger.info(
-            "Set aside %d multi-token-prediction tensors (%s, ...; num_nextn_predict_layers=%d): "
-            "the target model does not use them.",
-            len(mtp),
-            mtp[0],
-            arch.num_mtp_layers,
-        )
-    model.mtp_tensor_names = tuple(mtp)
-    return loaded
+    """Load a -PT checkpoint (:func:`vllm_ernie45.checkpoint.pt_schema`) into the main model."""
+    return load_with_schema(model, pt_schema(arch, fused_shared), weights, _physical_slots(model, arch))
 
 
 def load_mtp_checkpoint(
     model: nn.Module, arch: ErnieArch, weights: Iterable[tuple[str, torch.Tensor]]
 ) -> set[str]:
-    """Load the MTP head (:func:`vllm_ernie45.checkpoint.mtp_schema`) into the draft
-    ``model`` from the whole -PT checkpoint (vLLM hands a draft every tensor of the target's
-    checkpoint); the main model's tensors are skipped. A checkpoint without the MTP tensors,
-    or with an unknown, duplicated or mis-shaped one, is one CheckpointError naming them."""
-    schema = mtp_schema(arch)
-    seen: set[str] = set()
-    loaded: set[str] = set()
-    model_dir = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
-    for name, tensor in _readable(weights, model_dir):
-        spec = schema.get(name)
-        if spec is None:
-            if name.startswith(MTP_PREFIX):
-                raise CheckpointError(
-                    f"unexpected MTP tensor {name!r} (shape {list(tensor.shape)}): not part of "
-                    f"ERNIE 4.5's MTP head with this config (use_bias={arch.use_bias}; only "
-                    "index 0 of num_nextn_predict_layers is used)"
-                )
-            continue  # a tensor of the main model: the target loads it
-        if name in seen:
-            raise CheckpointError(f"checkpoint tensor {name!r} appears more than once")
-        seen.add(name)
-        tensor = _check_shape(name, tensor, spec.shape, spec.transposed_ok)
-        module = _local_module(model, spec.target.module)
-        param_name, param = _find_param(module, spec.target.module, spec.target.param)
-        param_path = f"{spec.target.module}.{param_name}"
-        _load_tensor(param, param_path, tensor, spec, {})
-        loaded.add(param_path)
-    missing = _listed_missing(schema, seen)
-    if missing:
-        raise CheckpointError(
-            f"speculative decoding with method 'mtp' needs ERNIE 4.5's MTP head, but the "
-            f"checkpoint lacks {missing}. Use a -PT checkpoint that ships the MTP block "
-            "(num_nextn_predict_layers: 1), or serve without --speculative-config."
-        )
-    return loaded
+    """Load the MTP head (:func:`vllm_ernie45.checkpoint.mtp_schema`) into the draft ``model``
+    from the whole -PT checkpoint (vLLM hands a draft every tensor of the target's checkpoint)."""
+    return load_with_schema(model, mtp_schema(arch), weights)

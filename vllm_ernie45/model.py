@@ -1,7 +1,8 @@
 """ERNIE 4.5 causal LMs for vLLM: the MoE family (21B-A3B, 300B-A47B) and the dense 0.3B.
 
 Registered by ``vllm_ernie45.register()`` under the checkpoint architectures
-``Ernie4_5_MoeForCausalLM`` and ``Ernie4_5ForCausalLM``.
+``Ernie4_5_MoeForCausalLM``, ``Ernie4_5ForCausalLM`` and ``Ernie4_5_ForCausalLM`` (the dense
+0.3B as first published).
 """
 
 # No `from __future__ import annotations`: support_torch_compile reads forward()'s
@@ -31,7 +32,8 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from vllm_ernie45 import envs
-from vllm_ernie45.config import arch_from_config, check_raw_config
+from vllm_ernie45.config import arch_from_config
+from vllm_ernie45.config_from_tensors import resolve_hf_config
 from vllm_ernie45.layers import ErnieDecoderLayer, ErnieMoE, rope_parameters_for
 from vllm_ernie45.loader import load_checkpoint
 
@@ -45,8 +47,8 @@ class ErnieModel(nn.Module):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
-        config = vllm_config.model_config.hf_config
-        check_raw_config(config)
+        # Keys config.json lacks are decided from the checkpoint's tensors first.
+        config = resolve_hf_config(vllm_config.model_config, vllm_config.load_config.load_format)
         self.arch = arch = arch_from_config(config)
         quant_config = vllm_config.quant_config
         enable_eplb = vllm_config.parallel_config.enable_eplb
@@ -184,7 +186,8 @@ class _ErnieCausalLM(nn.Module, SupportsPP, SupportsLoRA):
 
 
 class ErnieDenseForCausalLM(_ErnieCausalLM):
-    """ERNIE-4.5-0.3B (``Ernie4_5ForCausalLM``): every layer a dense SwiGLU FFN."""
+    """ERNIE-4.5-0.3B (``Ernie4_5ForCausalLM``; ``Ernie4_5_ForCausalLM`` in the snapshots
+    published before the hub renamed it): every layer a dense SwiGLU FFN."""
 
 
 class ErnieMoeForCausalLM(_ErnieCausalLM, MixtureOfExperts):

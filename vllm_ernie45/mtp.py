@@ -47,6 +47,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.models.utils import maybe_prefix
 
 from vllm_ernie45.config import ErnieArch, arch_from_config
+from vllm_ernie45.config_from_tensors import resolve_hf_config
 from vllm_ernie45.layers import ErnieDecoderLayer, rope_parameters_for
 from vllm_ernie45.loader import load_mtp_checkpoint
 
@@ -76,7 +77,8 @@ def draft_arch(vllm_config: VllmConfig) -> tuple[ErnieArch, object]:
     target's config: the same keys plus ``n_predict``), with a clear error where the
     checkpoint's config declares no MTP head."""
     spec = vllm_config.speculative_config
-    config = spec.draft_model_config.hf_config if spec is not None else vllm_config.model_config.hf_config
+    model_config = spec.draft_model_config if spec is not None else vllm_config.model_config
+    config = resolve_hf_config(model_config, vllm_config.load_config.load_format)
     arch = arch_from_config(config)
     if arch.num_mtp_layers < 1:
         raise ValueError(

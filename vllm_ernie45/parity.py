@@ -34,11 +34,13 @@ def default_prompts(vocab_size: int, n: int = 4, length: int = 12, seed: int = 0
 
 def model_facts(model: Any) -> dict[str, Any]:
     """Run inside vLLM's worker by ``LLM.apply_model`` (module level, so it pickles): which
-    class serves the model, and whether its shared experts run inside the fused MoE."""
+    class serves the model, how many shared experts it has and whether they run inside the
+    fused MoE."""
     layers = getattr(getattr(model, "model", None), "layers", [])
     return {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "fused_shared": any(getattr(getattr(l, "mlp", None), "fused_shared", False) for l in layers),
+        "num_shared_experts": getattr(getattr(model, "arch", None), "num_shared_experts", None),
     }
 
 

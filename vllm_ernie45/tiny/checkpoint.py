@@ -8,16 +8,20 @@ the hub checkpoints) plus an ERNIE-style tokenizer.
 
 Variants mirror the real family:
 
-==========  ===============================================================================
-``21b``     ERNIE-4.5-21B-A3B-like: 2 shared experts, dense layer 0, tied embeddings
-``300b``    ERNIE-4.5-300B-A47B-like: no shared experts, 3 dense layers, untied LM head
-``interval`` ``moe_layer_interval=2`` with an explicit ``moe_layer_end_index``
-``bias``    ``use_bias=true`` (q/k/v/o and dense/shared FFN biases)
-``legacy``  hub-style ``config.json`` (top-level ``rope_theta``, ``moe_capacity``,
-            ``moe_gate``, ``moe_use_aux_free``, ``num_nextn_predict_layers``, no
-            ``moe_layer_end_index``) and ERNIE's MTP head (``mtp_*`` tensors, one block)
-``dense``   ERNIE-4.5-0.3B-like dense model (``Ernie4_5ForCausalLM``)
-==========  ===============================================================================
+===============  ==========================================================================
+``21b``          ERNIE-4.5-21B-A3B-like: 2 shared experts, dense layer 0, tied embeddings
+``300b``         ERNIE-4.5-300B-A47B-like: no shared experts, 3 dense layers, untied LM head
+``interval``     ``moe_layer_interval=2`` with an explicit ``moe_layer_end_index``
+``bias``         ``use_bias=true`` (q/k/v/o and dense/shared FFN biases)
+``legacy``       hub-style ``config.json`` (top-level ``rope_theta``, ``moe_capacity``,
+                 ``moe_gate``, ``moe_use_aux_free``, ``num_nextn_predict_layers``, no
+                 ``moe_layer_end_index``) and ERNIE's MTP head (``mtp_*`` tensors, one block)
+``dense``        ERNIE-4.5-0.3B-like dense model (``Ernie4_5ForCausalLM``)
+===============  ==========================================================================
+
+Published checkpoints take further forms (keys left out of config.json, the correction bias
+stored ``[E]``, the dense model's first architecture name, ...): :mod:`vllm_ernie45.tiny.forms`
+derives them from these.
 """
 
 from __future__ import annotations
@@ -110,6 +114,21 @@ def _randomise(model: Any, seed: int) -> None:
             param.copy_(value.to(param.dtype))
 
 
+def _to_dtype_router_fp32(model: Any, dtype: Any) -> None:
+    """``model`` in ``dtype``, but for the router's tensors (``mlp.gate.weight``,
+    ``moe_statics``), which keep their fp32 values as in the published checkpoints (and
+    transformers' ``_keep_in_fp32_modules_strict``)."""
+    router = {
+        name: param.detach().clone()
+        for name, param in model.named_parameters()
+        if name.endswith("mlp.gate.weight") or "moe_statics" in name
+    }
+    model.to(dtype)
+    for name, param in model.named_parameters():
+        if name in router:
+            param.data = router[name]
+
+
 def _legacy_config(path: Path) -> None:
     """Rewrite a transformers-5 config.json in the hub's legacy key style."""
     cfg = json.loads(path.read_text())
@@ -138,7 +157,7 @@ def _add_mtp_tensors(out_dir: Path, config: Any, seed: int, transposed: bool, ag
     gen = torch.Generator().manual_seed(seed + 1)
     file = out_dir / "model.safetensors"
     tensors = load_file(str(file))
-    for name, spec in mtp_schema(arch_from_config(config)).items():
+    for name, spec in mtp_schema(arch_from_config(config)).tensors.items():
         if name in tensors:
             continue  # model.norm.weight: the main model's
         if "norm" in name:
@@ -163,12 +182,17 @@ def make_tiny_checkpoint(
     with_tokenizer: bool = True,
     mtp_transposed: bool = False,
     mtp_agree: bool = False,
+    max_shard_size: str | None = None,
     **overrides: Any,
 ) -> Path:
     """Write a tiny random checkpoint of ``variant`` to ``out_dir`` and return the path.
 
-    ``legacy`` carries ERNIE's MTP head; ``mtp_transposed`` stores its ``mtp_linear_proj``
-    as ``[2H, H]``, ``mtp_agree`` makes main model and head agree by construction."""
+    ``dtype``: of every tensor but the router's (gate weight and correction bias), which stay
+    fp32 as in the published bf16 checkpoints. ``max_shard_size`` (e.g. ``"100KB"``): several
+    safetensors files and ``model.safetensors.index.json``, as every published checkpoint.
+    ``legacy`` carries ERNIE's MTP head (single-file checkpoints only); ``mtp_transposed``
+    stores its ``mtp_linear_proj`` as ``[2H, H]``, ``mtp_agree`` makes main model and head
+    agree by construction."""
     import torch
     from transformers import (
         Ernie4_5Config,
@@ -188,7 +212,8 @@ def make_tiny_checkpoint(
     torch.manual_seed(seed)
     model = model_cls(config)
     _randomise(model, seed)
-    model.to(getattr(torch, dtype)).save_pretrained(out)
+    _to_dtype_router_fp32(model, getattr(torch, dtype))
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if variant == "legacy":
         _legacy_config(out / "config.json")
         config.num_nextn_predict_layers = 1
