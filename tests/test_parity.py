@@ -15,12 +15,18 @@ from vllm_ernie45.tiny.checkpoint import VARIANTS
 from conftest import run_vllm_greedy
 
 LOGPROB_TOL = 5e-4
+# In the version smoke set (pytest -m version_smoke): MoE with shared experts and a dense
+# layer (tied), MoE without shared experts (untied), and the dense model.
+SMOKE_VARIANTS = ("21b", "300b", "dense")
 PLUGIN_CLASS = {
     "dense": "vllm_ernie45.model.ErnieDenseForCausalLM",
 }
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "variant",
+    [pytest.param(v, marks=pytest.mark.version_smoke) if v in SMOKE_VARIANTS else v for v in VARIANTS],
+)
 def test_greedy_tokens_and_logprobs_match_hf(variant, tiny_checkpoint, tmp_path):
     model = tiny_checkpoint(variant)
     got = run_vllm_greedy(model, tmp_path / "vllm.json", max_tokens=8, top_k=5)

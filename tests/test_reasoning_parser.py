@@ -17,7 +17,8 @@ from parser_cases import (
     run_stream,
 )
 
-pytestmark = pytest.mark.usefixtures("registered")
+# The whole file is in the version smoke set: the parsers through vLLM's own Parser.
+pytestmark = [pytest.mark.usefixtures("registered"), pytest.mark.version_smoke]
 
 THINKING_OFF = {"enable_thinking": False}
 

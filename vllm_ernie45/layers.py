@@ -20,7 +20,6 @@ from vllm.distributed import (
 )
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
-from vllm.model_executor.layers.fused_moe import GateLinear
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import (
     MergedColumnParallelLinear,
@@ -188,7 +187,7 @@ class ErnieMoE(nn.Module):
         self.n_physical_experts = self.n_logical_experts + self.n_redundant_experts
         self.n_local_physical_experts = self.n_physical_experts // get_ep_group().world_size
 
-        self.gate = GateLinear(
+        self.gate = compat.gate_linear_cls()(
             arch.hidden_size,
             arch.num_experts,
             bias=False,
