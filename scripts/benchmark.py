@@ -41,7 +41,25 @@ IMPLS = {
     "plugin-torchrouter": {"VLLM_ERNIE45_ROUTER": "torch"},
     "plugin-unfused": {"VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0"},
     "plugin-baseline": {"VLLM_ERNIE45_ROUTER": "torch", "VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0"},
+    # With --quantization fp8: weight-only FP8 (Marlin kernels, bf16 activations) instead of
+    # FP8 x FP8 -- vLLM's switch for it on GPUs that have FP8 units.
+    "plugin-marlin": {"VLLM_TEST_FORCE_FP8_MARLIN": "1"},
+    "plugin-marlin-experts": {"VLLM_TEST_FORCE_FP8_MARLIN": "1", "VLLM_ERNIE45_QUANT_SCOPE": "experts"},
+    "plugin-experts": {"VLLM_ERNIE45_QUANT_SCOPE": "experts"},
+    "plugin-fp32gate": {"VLLM_ERNIE45_ROUTER_GEMM": "fp32"},
+    "intree-marlin": {"VLLM_PLUGINS": "", "VLLM_TEST_FORCE_FP8_MARLIN": "1"},
 }
+
+
+def impl_env(name: str) -> dict[str, str]:
+    """The environment of implementation NAME's process: its switches, and a compile cache of
+    its own -- vLLM's cache key leaves out the plugin's switches, so two implementations that
+    share a cache could run each other's compiled graph."""
+    root = os.environ.get("VLLM_CACHE_ROOT") or os.path.expanduser("~/.cache/vllm")
+    return {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+            "VLLM_CACHE_ROOT": os.path.join(root, f"impl-{name}"), **IMPLS[name]}
+
+
 SCENARIOS = ("startup", "bs1", "bs32", "bs1000", "prefill")
 # name -> (requests, input tokens, output tokens)
 SHAPES = {"bs1": (1, 128, 256), "bs32": (32, 512, 256), "bs1000": (1000, 512, 256), "prefill": (200, 2048, 32)}
@@ -196,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
         if args.enable_expert_parallel:
             cmd.append("--enable-expert-parallel")
-        env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **IMPLS[impl.split("@")[0]]}
+        env = impl_env(impl.split("@")[0])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env)
         print(f"[{impl}] process finished rc={proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)

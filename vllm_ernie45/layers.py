@@ -32,6 +32,7 @@ from vllm.platforms import current_platform
 
 from vllm_ernie45 import compat, envs
 from vllm_ernie45.config import ErnieArch, rope_scaling_of
+from vllm_ernie45.router_gate import router_gate_cls
 from vllm_ernie45.routing import make_routing_function
 
 
@@ -88,6 +89,7 @@ class ErnieAttention(nn.Module):
         cache_config: CacheConfig | None,
         quant_config: QuantizationConfig | None,
         prefix: str,
+        quantize_linears: bool = True,
     ) -> None:
         super().__init__()
         tp_size = get_tensor_model_parallel_world_size()
@@ -106,6 +108,7 @@ class ErnieAttention(nn.Module):
         self.head_dim = arch.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        linear_quant_config = quant_config if quantize_linears else None
 
         self.qkv_proj = QKVParallelLinear(
             arch.hidden_size,
@@ -113,14 +116,14 @@ class ErnieAttention(nn.Module):
             arch.num_heads,
             arch.num_kv_heads,
             bias=arch.use_bias,
-            quant_config=quant_config,
+            quant_config=linear_quant_config,
             prefix=f"{prefix}.qkv_proj",
         )
         self.o_proj = RowParallelLinear(
             arch.q_size,
             arch.hidden_size,
             bias=arch.use_bias,
-            quant_config=quant_config,
+            quant_config=linear_quant_config,
             prefix=f"{prefix}.o_proj",
         )
         self.rotary_emb = get_rope(
@@ -187,13 +190,8 @@ class ErnieMoE(nn.Module):
         self.n_physical_experts = self.n_logical_experts + self.n_redundant_experts
         self.n_local_physical_experts = self.n_physical_experts // get_ep_group().world_size
 
-        self.gate = compat.gate_linear_cls()(
-            arch.hidden_size,
-            arch.num_experts,
-            bias=False,
-            out_dtype=torch.float32,
-            params_dtype=torch.float32,
-            prefix=f"{prefix}.gate",
+        self.gate = router_gate_cls()(
+            arch.hidden_size, arch.num_experts, vllm_config.model_config.dtype, prefix=f"{prefix}.gate"
         )
         self.e_score_correction_bias = nn.Parameter(
             torch.empty(arch.num_experts, dtype=torch.float32), requires_grad=False
@@ -231,7 +229,7 @@ class ErnieMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         hidden_states = hidden_states.view(-1, shape[-1])
-        router_logits, _ = self.gate(hidden_states.float())
+        router_logits = self.gate(hidden_states)
         out = self.experts(hidden_states=hidden_states, router_logits=router_logits)
         return out.view(shape)
 
@@ -267,8 +265,11 @@ class ErnieDecoderLayer(nn.Module):
         dense: bool = False,
     ) -> None:
         super().__init__()
+        # VLLM_ERNIE45_QUANT_SCOPE=experts: online quantization of the routed experts only.
+        quantize_linears = envs.quant_scope() == "all"
         self.self_attn = ErnieAttention(
-            arch, rope_parameters, cache_config, quant_config, prefix=f"{prefix}.self_attn"
+            arch, rope_parameters, cache_config, quant_config, prefix=f"{prefix}.self_attn",
+            quantize_linears=quantize_linears,
         )
         self.mlp: ErnieMoE | ErnieMLP
         if arch.is_moe_layer(layer_idx) and not dense:
@@ -278,7 +279,7 @@ class ErnieDecoderLayer(nn.Module):
                 arch.hidden_size,
                 arch.intermediate_size,
                 bias=arch.use_bias,
-                quant_config=quant_config,
+                quant_config=quant_config if quantize_linears else None,
                 prefix=f"{prefix}.mlp",
             )
         self.input_layernorm = RMSNorm(arch.hidden_size, eps=arch.rms_norm_eps)
