@@ -81,7 +81,7 @@ def child(args: argparse.Namespace) -> int:
     startup = time.perf_counter() - t0
     facts = {}
     try:
-        from vllm_ernie45.parity import model_facts
+        from vllm_ernie45.testing.parity import model_facts
 
         facts = llm.apply_model(model_facts)[0]
     except Exception as err:  # the in-tree run has no plugin loaded; facts are optional

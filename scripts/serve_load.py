@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
             ckpt = Path(args.checkpoint) if args.checkpoint else None
             if ckpt is None:
-                from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+                from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
                 ckpt = make_tiny_checkpoint(Path(tmp.name) / "ckpt", "21b", with_tokenizer=True)
             port = free_port()
             url = f"http://127.0.0.1:{port}"

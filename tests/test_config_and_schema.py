@@ -9,7 +9,7 @@ import pytest
 
 from vllm_ernie45.checkpoint import OPTIONAL, Reshape, Stack, Target, is_mtp_tensor, mtp_schema, pt_schema
 from vllm_ernie45.config import ErnieConfigError, arch_from_config
-from vllm_ernie45.tiny.checkpoint import variant_config
+from vllm_ernie45.testing.tiny.checkpoint import variant_config
 
 HUB_21B = {  # the public ERNIE-4.5-21B-A3B-PT config.json, legacy key style
     "architectures": ["Ernie4_5_MoeForCausalLM"],

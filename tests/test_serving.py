@@ -41,7 +41,7 @@ def server(tmp_path_factory):
 
     if which("vllm") is None:
         pytest.skip("no `vllm` executable")
-    from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+    from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
     tmp = tmp_path_factory.mktemp("serving")
     ckpt = make_tiny_checkpoint(tmp / "ckpt", "21b", with_tokenizer=True)
