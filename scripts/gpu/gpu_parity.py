@@ -7,8 +7,8 @@ the plugin's defaults.
 Every engine runs in its own process (``python -m vllm_ernie45.testing.parity``); HF scores the
 exact token ids vLLM produced, so logprob differences compare like with like.
 
-    python scripts/gpu_parity.py --out out/gpu_parity.json            # plugin, reference router, in-tree
-    python scripts/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-fp8 --out out/fp8.json
+    python scripts/gpu/gpu_parity.py --out out/gpu_parity.json            # plugin, reference router, in-tree
+    python scripts/gpu/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-fp8 --out out/fp8.json
 """
 
 from __future__ import annotations

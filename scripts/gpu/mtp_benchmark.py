@@ -24,7 +24,7 @@ accepted with probability a given the previous one was) for k drafted tokens:
 ``tokens/step = (1 - a**(k+1)) / (1 - a)``; ``ms/token = step_ms(k) / tokens/step``, with
 step_ms(k) measured at acceptance ~1 (the step that verifies k drafts).
 
-    python scripts/mtp_benchmark.py --config ../shared/gpu/ernie-4.5-21b-a3b-pt.config.json \
+    python scripts/gpu/mtp_benchmark.py --config ../shared/gpu/ernie-4.5-21b-a3b-pt.config.json \
         --runs plain,plugin:1,intree:1 --out out/mtp.json
 """
 

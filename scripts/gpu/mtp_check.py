@@ -6,8 +6,8 @@ and agreeing by construction (``vllm_ernie45.testing.tiny.mtp_agree``: the accep
 draft's acceptance on each, from vLLM's counters. Each engine runs in its own process
 (``python -m vllm_ernie45.testing.parity``).
 
-    python scripts/mtp_check.py --ks 1,2,3 --out out/mtp_check.json          # CPU, eager
-    python scripts/mtp_check.py --ks 1,3 --compiled --dtype bfloat16         # GPU: compiled, CUDA graphs
+    python scripts/gpu/mtp_check.py --ks 1,2,3 --out out/mtp_check.json          # CPU, eager
+    python scripts/gpu/mtp_check.py --ks 1,3 --compiled --dtype bfloat16         # GPU: compiled, CUDA graphs
 """
 
 from __future__ import annotations
