@@ -161,12 +161,6 @@ def _gate_linear_keeping_weight_dtype(gate_linear: Any) -> Any:
     return GateLinearKeepingWeightDtype
 
 
-def initial_physical_to_logical(num_logical: int, num_redundant: int) -> list[int]:
-    """EPLB's initial placement: physical expert p holds logical expert p for p < E, then
-    the redundant copies wrap around (p % E). Same rule as vLLM's EplbState in 0.26-0.33."""
-    return [p % num_logical for p in range(num_logical + num_redundant)]
-
-
 # ----------------------------------------------------------------------------- parsers
 
 
