@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import multiprocessing as mp
-import os
 import statistics
 import time
 from pathlib import Path
@@ -246,9 +245,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    root = Path(__file__).resolve().parents[2]
     # "current" = what the plugin runs today: its shipped tables first, then vLLM's.
-    os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(root / "vllm_ernie45" / "moe_configs"))
+    from vllm_ernie45 import envs
+
+    envs.use_tuned_moe_configs()
     import triton
 
     out_dir = Path(args.out)
