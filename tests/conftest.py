@@ -6,7 +6,6 @@ engine and worker processes, and keeping it out of pytest's process keeps tests 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -62,10 +61,6 @@ def run_vllm_greedy(model: Path, out: Path, **kw) -> dict:
     """Greedy decode through vllm.LLM in a child process; return the parity JSON."""
     from vllm_ernie45.testing.parity import APPLY_MODEL_ENV, run_in_child
 
-    args = ["--engine", "vllm", "--model", str(model), "--out", str(out)]
-    vllm_args = kw.pop("vllm_args", {"enforce_eager": True})
+    kw.setdefault("vllm_args", {"enforce_eager": True})
     env = {**APPLY_MODEL_ENV, **(kw.pop("env", None) or {})}
-    args += ["--vllm-args", json.dumps(vllm_args)]
-    for key, value in kw.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return run_in_child(args, env=env, timeout=600)
+    return run_in_child("vllm", model, out, env=env, timeout=600, **kw)

@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         for engine in engines:
             env, vllm_args = ENGINES[engine]
             out = work / f"{ck}.{engine}.json"
-            runs[engine] = run_in_child(["--engine", "vllm", "--model", str(model), "--out", str(out), "--dtype", dtype,
-                  "--max-tokens", str(args.max_tokens), "--vllm-args", json.dumps(vllm_args)], {**APPLY_MODEL_ENV, **env})
+            runs[engine] = run_in_child("vllm", model, out, {**APPLY_MODEL_ENV, **env}, dtype=dtype,
+                                        max_tokens=args.max_tokens, vllm_args=vllm_args)
             ref = work / f"{ck}.{engine}.hf.json"
-            reference = run_in_child(["--engine", "hf", "--model", str(model), "--out", str(ref), "--dtype", dtype,
-                  "--device", "cuda", "--max-tokens", str(args.max_tokens), "--track", str(out)], {})
+            reference = run_in_child("hf", model, ref, dtype=dtype, device="cuda", max_tokens=args.max_tokens,
+                                     track=out)
             cmp = compare(runs[engine], reference)
             report[f"{ck} {engine} vs hf"] = {**cmp.__dict__, "model_class": runs[engine].get("model_class"),
                                              "fused_shared": runs[engine].get("fused_shared")}

@@ -24,9 +24,8 @@ from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
 def run_engine(model: Path, out: Path, prompts: Path, vllm_args: dict, max_tokens: int, dtype: str,
                env: dict | None = None) -> dict:
-    return run_in_child(["--engine", "vllm", "--model", str(model), "--out", str(out), "--prompts", str(prompts),
-                         "--max-tokens", str(max_tokens), "--top-k", "1", "--dtype", dtype,
-                         "--vllm-args", json.dumps(vllm_args)], env={**APPLY_MODEL_ENV, **(env or {})})  # fmt: skip
+    return run_in_child("vllm", model, out, {**APPLY_MODEL_ENV, **(env or {})}, prompts=prompts,
+                        max_tokens=max_tokens, top_k=1, dtype=dtype, vllm_args=vllm_args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -230,17 +230,28 @@ def compare(test: dict[str, Any], ref: dict[str, Any]) -> Comparison:
     return Comparison(tokens_equal, mismatch, max_dec, max_pre, n)
 
 
-def run_in_child(cli_args: list[str], env: dict[str, str] | None = None, timeout: int | None = None) -> dict[str, Any]:
-    """``python -m vllm_ernie45.testing.parity CLI_ARGS`` in its own process; its result, judged by
-    exit status, complete result file and clean engine shutdown (``vllm_ernie45.child_run``)."""
+def run_in_child(
+    engine: str,
+    model: str | Path,
+    out: str | Path,
+    env: dict[str, str] | None = None,
+    timeout: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """``python -m vllm_ernie45.testing.parity --engine ENGINE --model MODEL --out OUT ...`` in
+    its own process; its result, judged by exit status, complete result file and clean engine
+    shutdown (``vllm_ernie45.child_run``). ``options`` are the other flags of :func:`main`
+    (``max_tokens=8`` -> ``--max-tokens 8``; ``vllm_args`` a dict, sent as JSON)."""
     import subprocess
 
     from vllm_ernie45.child_run import judge_child
 
+    cli_args = ["--engine", engine, "--model", str(model), "--out", str(out)]
+    for key, value in options.items():
+        cli_args += [f"--{key.replace('_', '-')}", json.dumps(value) if key == "vllm_args" else str(value)]
     full_env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "vllm_ernie45.testing.parity", *cli_args],
                           capture_output=True, text=True, env=full_env, timeout=timeout)  # fmt: skip
-    out = cli_args[cli_args.index("--out") + 1]
     return judge_child(proc.returncode, out, f"{cli_args[:2]}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 
