@@ -180,8 +180,9 @@ def run_backend(args: argparse.Namespace) -> int:
     from vllm_ernie45.testing.parity import model_facts
 
     if args.backend == "vllm":
-        # Runs inside vLLM's worker process: the class that actually serves the model.
-        classes = [f["model_class"] for f in lm.model.apply_model(model_facts)]  # one per worker (TP/PP rank)
+        # Runs inside vLLM's worker process (one per TP/PP rank): the class that actually
+        # serves the model.
+        classes = [facts["model_class"] for facts in lm.model.apply_model(model_facts)]
         model_class = classes[0] if len(set(classes)) == 1 else ",".join(classes)
         recorded = _record_generations(lm)
     else:

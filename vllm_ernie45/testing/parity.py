@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 # vLLM accepts the pickled function of ``LLM.apply_model`` (:func:`model_facts`) only with this
 # switch on. Package code never sets it: the front ends that start an engine and ask it for
 # facts (tests, scripts, eval/) pass APPLY_MODEL_ENV to the child, or set it themselves.
@@ -81,9 +80,9 @@ def run_vllm(
     if not apply_model_allowed():
         # vLLM would refuse (or hang on) the pickled function of apply_model below.
         raise RuntimeError(
-            f"run_vllm asks vLLM's worker for model facts (LLM.apply_model), which needs "
+            "run_vllm asks vLLM's worker for model facts (LLM.apply_model), which needs "
             f"{APPLY_MODEL_SWITCH}=1 in the environment before the engine starts; the front end "
-            f"sets it (run_in_child(..., env=APPLY_MODEL_ENV))"
+            "sets it (run_in_child(..., env=APPLY_MODEL_ENV))"
         )
     from vllm import LLM, SamplingParams
 
