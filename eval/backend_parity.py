@@ -75,10 +75,6 @@ LOGLIKELIHOOD_TYPES = {"multiple_choice", "loglikelihood"}
 # --------------------------------------------------------------------------- child side
 
 
-def _class_name(model: Any) -> str:
-    return f"{type(model).__module__}.{type(model).__qualname__}"
-
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -101,7 +97,7 @@ def _backend_model_args(args: argparse.Namespace) -> dict[str, Any]:
             "enforce_eager": True,
             "seed": 0,
         }
-        from vllm_ernie45.memory import default_memory_utilization
+        from vllm_ernie45.testing.memory import default_memory_utilization
 
         if default_memory_utilization() is not None:
             model_args["gpu_memory_utilization"] = default_memory_utilization()
@@ -181,19 +177,16 @@ def run_backend(args: argparse.Namespace) -> int:
     model_args = _backend_model_args(args)
     start = time.time()
     lm = get_model(args.backend)(**model_args)
-    if args.backend == "vllm":
-        # Runs inside vLLM's worker process: the class that actually serves the model. Taken
-        # from this file imported as a module (this directory is on sys.path, which vLLM's
-        # spawned processes inherit), so it pickles by reference, not as __main__'s.
-        if str(Path(__file__).resolve().parent) not in sys.path:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from backend_parity import _class_name as by_reference
+    from vllm_ernie45.testing.parity import model_facts
 
-        classes = lm.model.apply_model(by_reference)  # one per worker (TP/PP rank)
+    if args.backend == "vllm":
+        # Runs inside vLLM's worker process (one per TP/PP rank): the class that actually
+        # serves the model.
+        classes = [facts["model_class"] for facts in lm.model.apply_model(model_facts)]
         model_class = classes[0] if len(set(classes)) == 1 else ",".join(classes)
         recorded = _record_generations(lm)
     else:
-        classes = [_class_name(lm.model)]
+        classes = [model_facts(lm.model)["model_class"]]
         model_class = classes[0]
         recorded = None
     load_s = time.time() - start
@@ -459,7 +452,7 @@ def run_parity(args: argparse.Namespace) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ernie-eval-parity-"))
     work.mkdir(parents=True, exist_ok=True)
     if not args.model:
-        from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+        from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
         args.model = str(make_tiny_checkpoint(work / "tiny-21b", "21b", dtype="float32"))
         print(f"parity: tiny checkpoint {args.model}", flush=True)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM, SamplingParams
 
     from vllm_ernie45.child_run import close_llm
-    from vllm_ernie45.memory import default_memory_utilization
+    from vllm_ernie45.testing.memory import default_memory_utilization
 
     memory = args.gpu_memory_utilization or default_memory_utilization() or 0.9
     llm = LLM(

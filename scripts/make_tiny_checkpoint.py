@@ -4,7 +4,7 @@
     python scripts/make_tiny_checkpoint.py --out out/tiny-ernie [--variant 21b] [--seed 0]
 
 Variants: 21b (default: shared experts, dense layer 0, tied), 300b, interval, bias, legacy,
-dense -- see vllm_ernie45/tiny/checkpoint.py.
+dense -- see vllm_ernie45/testing/tiny/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vllm_ernie45.tiny.checkpoint import VARIANTS, make_tiny_checkpoint
+from vllm_ernie45.testing.tiny.checkpoint import VARIANTS, make_tiny_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,6 @@ engine and worker processes, and keeping it out of pytest's process keeps tests 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,7 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """``tiny_checkpoint(variant)`` -> path of a tiny random checkpoint (cached per session)."""
-    from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+    from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
     cache: dict[str, Path] = {}
 
@@ -60,12 +59,8 @@ def start_vllm_must_fail(model: Path, max_model_len: int = 256, **llm_kwargs) ->
 
 def run_vllm_greedy(model: Path, out: Path, **kw) -> dict:
     """Greedy decode through vllm.LLM in a child process; return the parity JSON."""
-    from vllm_ernie45.parity import run_in_child
+    from vllm_ernie45.testing.parity import APPLY_MODEL_ENV, run_in_child
 
-    args = ["--engine", "vllm", "--model", str(model), "--out", str(out)]
-    vllm_args = kw.pop("vllm_args", {"enforce_eager": True})
-    env = kw.pop("env", None)
-    args += ["--vllm-args", json.dumps(vllm_args)]
-    for key, value in kw.items():
-        args += [f"--{key.replace('_', '-')}", str(value)]
-    return run_in_child(args, env=env, timeout=600)
+    kw.setdefault("vllm_args", {"enforce_eager": True})
+    env = {**APPLY_MODEL_ENV, **(kw.pop("env", None) or {})}
+    return run_in_child("vllm", model, out, env=env, timeout=600, **kw)

@@ -5,7 +5,7 @@ Everything runs through real vLLM: the parsers are looked up by name after
 the OpenAI server uses, fed token by token through vLLM's incremental detokenizer (the
 engine's ``IncrementalDetokenizer``, primed with the rendered prompt), and compared with
 the non-streaming ``Parser.parse`` of the same text. The tokenizer is the tiny ERNIE-style
-one from ``vllm_ernie45.tiny.tokenizer``, loaded with vLLM's ``get_tokenizer``.
+one from ``vllm_ernie45.testing.tiny.tokenizer``, loaded with vLLM's ``get_tokenizer``.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ MESSAGES = [
 @pytest.fixture(scope="session")
 def ernie_tokenizer(tmp_path_factory):
     """vLLM's tokenizer for the tiny ERNIE-style tokenizer directory."""
-    from vllm_ernie45.tiny.tokenizer import build_ernie_tokenizer
+    from vllm_ernie45.testing.tiny.tokenizer import build_ernie_tokenizer
 
     path: Path = tmp_path_factory.mktemp("ernie-tokenizer")
     build_ernie_tokenizer(path)

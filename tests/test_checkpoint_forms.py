@@ -31,9 +31,9 @@ from vllm_ernie45.checkpoint import OPTIONAL, CheckpointError, Reshape, pt_schem
 from vllm_ernie45.checkpoint_files import CheckpointLocation, shard_files, tensor_shapes
 from vllm_ernie45.config import arch_from_config, check_raw_config
 from vllm_ernie45.config_from_tensors import DECIDED_KEYS, decide_absent_keys, resolve_hf_config
-from vllm_ernie45.parity import compare, default_prompts, run_hf
-from vllm_ernie45.tiny import forms
-from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+from vllm_ernie45.testing.parity import compare, default_prompts, run_hf
+from vllm_ernie45.testing.tiny import forms
+from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
 from conftest import run_vllm_greedy, start_vllm_must_fail
 

@@ -152,14 +152,6 @@ def test_parser_bases():
     assert tool_parser.__name__ == "ToolParser" and reasoning_parser.__name__ == "ReasoningParser"
 
 
-@pytest.mark.parametrize("logical, redundant", [(8, 0), (8, 3), (64, 16)])
-def test_eplb_initial_placement_matches_vllm(logical, redundant):
-    from vllm.distributed.eplb.eplb_state import EplbState
-
-    expected = EplbState.build_initial_global_physical_to_logical_map(logical, redundant)
-    assert compat.initial_physical_to_logical(logical, redundant) == list(expected)
-
-
 _GATE_CHILD = """
 import tempfile, torch
 from vllm.config import VllmConfig, set_current_vllm_config

@@ -9,7 +9,7 @@ import pytest
 
 from vllm_ernie45.checkpoint import OPTIONAL, Reshape, Stack, Target, is_mtp_tensor, mtp_schema, pt_schema
 from vllm_ernie45.config import ErnieConfigError, arch_from_config
-from vllm_ernie45.tiny.checkpoint import variant_config
+from vllm_ernie45.testing.tiny.checkpoint import variant_config
 
 HUB_21B = {  # the public ERNIE-4.5-21B-A3B-PT config.json, legacy key style
     "architectures": ["Ernie4_5_MoeForCausalLM"],
@@ -65,6 +65,7 @@ def test_rope_parameters_win_over_legacy_key():
         ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
         ({"hidden_act": "gelu"}, "'hidden_act'"),
         ({"moe_layer_interval": 0}, "'moe_layer_interval' must be a positive integer"),
+        ({"moe_layer_start_index": []}, "'moe_layer_start_index' is an empty list"),
     ],
 )
 def test_bad_config_names_the_key(change, message):
@@ -93,6 +94,17 @@ def test_schema_matches_what_transformers_saves(variant, tiny_checkpoint):
     main = {k: v for k, v in saved.items() if k not in mtp}
     assert all(schema.tensors[k].accepts(shape) for k, shape in main.items())
     assert set(schema.required()) <= set(main) <= set(schema.tensors)
+
+
+@pytest.mark.version_smoke  # the loader's copy of a vLLM rule, checked on every CI version
+@pytest.mark.parametrize("logical, redundant", [(8, 0), (8, 3), (64, 16)])
+def test_eplb_initial_placement_matches_vllm(logical, redundant):
+    from vllm.distributed.eplb.eplb_state import EplbState
+
+    from vllm_ernie45.loader import initial_physical_to_logical
+
+    expected = EplbState.build_initial_global_physical_to_logical_map(logical, redundant)
+    assert initial_physical_to_logical(logical, redundant) == list(expected)
 
 
 def test_schema_targets_cover_each_param_family():

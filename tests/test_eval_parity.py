@@ -53,7 +53,7 @@ def run_parity(work, *args: str, env: dict | None = None) -> dict:
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A tiny random ERNIE-4.5-21B-A3B-like checkpoint with its ERNIE-style tokenizer."""
-    from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+    from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("eval-tiny") / "tiny-21b", "21b")
 

@@ -1,6 +1,6 @@
 """The shipped fused-MoE tables (``vllm_ernie45/moe_configs``) are in the format vLLM reads,
 with tiles a Hopper GPU can run, are found by vLLM through ``register()``, and the tuner's
-search space stays within what it claims (``scripts/tune_moe.py``; runs on a GPU only)."""
+search space stays within what it claims (``scripts/gpu/tune_moe.py``; runs on a GPU only)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _smem_bytes(config: dict) -> int:
 
 
 def _load_tuner():
-    spec = importlib.util.spec_from_file_location("tune_moe", ROOT / "scripts" / "tune_moe.py")
+    spec = importlib.util.spec_from_file_location("tune_moe", ROOT / "scripts" / "gpu" / "tune_moe.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -4,7 +4,7 @@ Lossless: greedy tokens with ``speculative_config={"method": "mtp", "num_specula
 k}`` equal those without, for k = 1, 2, 3, a batch of four prompts, and under
 ``tensor_parallel_size=2`` -- on a tiny checkpoint with a random MTP head (the draft is
 rejected: vLLM's rejection path) and on one whose head agrees with the model by construction
-(``vllm_ernie45.tiny.mtp_agree``: every draft accepted, which also checks the draft's math --
+(``vllm_ernie45.testing.tiny.mtp_agree``: every draft accepted, which also checks the draft's math --
 norms, projection, RoPE, shared head -- end to end). A checkpoint without the MTP head is one
 clear error.
 """
@@ -18,8 +18,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from vllm_ernie45.parity import default_prompts
-from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+from vllm_ernie45.testing.parity import default_prompts
+from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
 from conftest import run_vllm_greedy, start_vllm_must_fail
 

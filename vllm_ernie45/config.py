@@ -64,6 +64,14 @@ def rope_scaling_of(config: Any) -> dict[str, Any] | None:
     return None if rope_type in (None, "default") else dict(params)
 
 
+def rope_parameters_for(arch: ErnieArch, hf_config: Any) -> dict[str, Any]:
+    """vLLM's ``rope_parameters`` for ``get_rope``: the config's rope type (default: plain
+    RoPE) with the resolved ``rope_theta``."""
+    params = rope_scaling_of(hf_config) or {"rope_type": "default"}
+    params["rope_theta"] = arch.rope_theta
+    return params
+
+
 @dataclass(frozen=True)
 class ErnieArch:
     hidden_size: int
@@ -186,7 +194,9 @@ def arch_from_config(config: Any) -> ErnieArch:
             top_k=top_k,
             moe_intermediate_size=_positive_int(config, "moe_intermediate_size"),
             num_shared_experts=int(_get(config, "moe_num_shared_experts", 0) or 0),
-            moe_layer_start=int(_scalar(_get(config, "moe_layer_start_index", 0), "x") or 0),
+            moe_layer_start=int(
+                _scalar(_get(config, "moe_layer_start_index", 0), "moe_layer_start_index") or 0
+            ),
             moe_layer_end=int(_scalar(end, "moe_layer_end_index")),
             moe_layer_interval=interval,
             moe_norm_min=float(norm_min) if norm_min is not None else DEFAULT_MOE_NORM_MIN,

@@ -27,11 +27,20 @@
     ``pre_norm`` (default): the plugin's MTP draft gets the target's last hidden state before
     the final norm, as ERNIE's training code feeds it; ``post_norm``: after it (FastDeploy's
     choice). vLLM's in-tree draft always gets the post-norm state it is built for.
+
+``VLLM_TUNED_CONFIG_FOLDER`` (vLLM's own switch)
+    Where vLLM looks first for fused-MoE Triton tables. ``register()`` points it at the
+    plugin's tables for ERNIE's expert shapes (``vllm_ernie45/moe_configs``: e.g. 64 routed +
+    2 fused shared experts), which vLLM does not ship, unless it is already set; vLLM falls
+    back to its own tables after these.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+MOE_CONFIG_FOLDER = Path(__file__).parent / "moe_configs"
 
 _ROUTERS = ("auto", "torch", "triton")
 
@@ -75,3 +84,8 @@ def mtp_draft() -> str:
 
 def mtp_hidden_state() -> str:
     return _choice("VLLM_ERNIE45_MTP_HIDDEN", "pre_norm", ("pre_norm", "post_norm"))
+
+
+def use_tuned_moe_configs() -> None:
+    """``VLLM_TUNED_CONFIG_FOLDER`` -> the plugin's tables, unless already set."""
+    os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(MOE_CONFIG_FOLDER))

@@ -31,7 +31,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.platforms import current_platform
 
 from vllm_ernie45 import compat, envs
-from vllm_ernie45.config import ErnieArch, rope_scaling_of
+from vllm_ernie45.config import ErnieArch
 from vllm_ernie45.router_gate import router_gate_cls
 from vllm_ernie45.routing import make_routing_function
 
@@ -244,12 +244,6 @@ def shared_experts_fusable(arch: ErnieArch, parallel_config: Any, enable_eplb: b
         and not enable_eplb
         and not getattr(parallel_config, "enable_expert_parallel", False)
     )
-
-
-def rope_parameters_for(arch: ErnieArch, hf_config: Any) -> dict[str, Any]:
-    params = rope_scaling_of(hf_config) or {"rope_type": "default"}
-    params["rope_theta"] = arch.rope_theta
-    return params
 
 
 class ErnieDecoderLayer(nn.Module):

@@ -24,7 +24,6 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import PPMissingLayer
 
-from vllm_ernie45 import compat
 from vllm_ernie45.checkpoint import (
     REQUIRED,
     ZEROS,
@@ -73,6 +72,13 @@ def _find_param(module: nn.Module, module_path: str, name: str) -> tuple[str, nn
     return nested[0], params[nested[0]]
 
 
+def initial_physical_to_logical(num_logical: int, num_redundant: int) -> list[int]:
+    """EPLB's initial placement: physical expert p holds logical expert p for p < E, then
+    the redundant copies wrap around (p % E). Same rule as vLLM's EplbState in 0.26-0.33
+    (tests/test_config_and_schema.py compares the two)."""
+    return [p % num_logical for p in range(num_logical + num_redundant)]
+
+
 def _physical_slots(model: nn.Module, arch: ErnieArch) -> dict[int, list[int]]:
     """Logical expert id -> the physical expert ids that hold it (EPLB redundancy). Fused
     shared experts (ids >= E; never with EPLB) live in the slot of their own id."""
@@ -80,7 +86,7 @@ def _physical_slots(model: nn.Module, arch: ErnieArch) -> dict[int, list[int]]:
     slots: dict[int, list[int]] = defaultdict(list)
     if arch.num_experts:
         for physical, logical in enumerate(
-            compat.initial_physical_to_logical(arch.num_experts, redundant)
+            initial_physical_to_logical(arch.num_experts, redundant)
         ):
             slots[logical].append(physical)
         for shared in range(arch.num_shared_experts):

@@ -32,9 +32,9 @@ from vllm.model_executor.models.utils import (
 from vllm.sequence import IntermediateTensors
 
 from vllm_ernie45 import envs
-from vllm_ernie45.config import arch_from_config
+from vllm_ernie45.config import arch_from_config, rope_parameters_for
 from vllm_ernie45.config_from_tensors import resolve_hf_config
-from vllm_ernie45.layers import ErnieDecoderLayer, ErnieMoE, rope_parameters_for
+from vllm_ernie45.layers import ErnieDecoderLayer, ErnieMoE
 from vllm_ernie45.loader import load_checkpoint
 
 # speculative_config methods whose draft is ERNIE's MTP head ("ernie_mtp": the old alias).

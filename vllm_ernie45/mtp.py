@@ -46,9 +46,9 @@ from vllm.model_executor.layers.linear import ReplicatedLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.models.utils import maybe_prefix
 
-from vllm_ernie45.config import ErnieArch, arch_from_config
+from vllm_ernie45.config import ErnieArch, arch_from_config, rope_parameters_for
 from vllm_ernie45.config_from_tensors import resolve_hf_config
-from vllm_ernie45.layers import ErnieDecoderLayer, rope_parameters_for
+from vllm_ernie45.layers import ErnieDecoderLayer
 from vllm_ernie45.loader import load_mtp_checkpoint
 
 MTP_ARCHITECTURE = "ErnieMTPModel"  # what vLLM names the draft of an ernie4_5_moe target

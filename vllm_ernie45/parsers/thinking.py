@@ -1,7 +1,7 @@
 """The one rule for "thinking off" (``enable_thinking`` in the chat-template kwargs).
 
 The reasoning parser (streaming and not) calls :func:`thinking_disabled`; the chat template
-in ``vllm_ernie45/tiny/tokenizer.py`` spells the same rule in Jinja (a test renders it for
+in ``vllm_ernie45/testing/tiny/tokenizer.py`` spells the same rule in Jinja (a test renders it for
 every value). No vLLM import here: the tokenizer tests use it without an engine.
 """
 

@@ -1,26 +1,22 @@
-"""``ernie45`` tool-call parser: ``<tool_call>`` JSON blocks (``--tool-call-parser ernie45``).
-
-:class:`ToolCallStream` is one incremental state machine; non-streaming feeds it the whole
-text, so streamed and non-streamed results agree by construction. A call is streamed whole
-(id, name, arguments) as soon as its JSON object is complete; an unfinished one is content.
-The rules (markers inside JSON strings, arguments always JSON text, lists, whitespace) are
-in docs/parsers.md.
+"""``ernie45`` tool-call parser (``--tool-call-parser ernie45``): :class:`ToolCallStream`, one
+incremental state machine over ``<tool_call>`` blocks, which non-streaming feeds the whole text.
+Rules: docs/parsers.md.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from vllm_ernie45 import compat
-from vllm_ernie45.parsers.reasoning_parser import (
+from vllm_ernie45.parsers.call_json import JSON_WS, ObjectText, parse_call
+from vllm_ernie45.parsers.framing import (
     RESPONSE_END,
     RESPONSE_START,
     TOOL_CALL_END,
     TOOL_CALL_START,
+    marker_at,
 )
 
 _ToolParser, _ = compat.tool_parser_base()
@@ -33,11 +29,6 @@ FunctionCall = _protocol.FunctionCall
 ToolCall = _protocol.ToolCall
 
 _MARKERS = (TOOL_CALL_START, TOOL_CALL_END, RESPONSE_START, RESPONSE_END)
-_LONGEST_MARKER = max(len(m) for m in _MARKERS)
-_JSON_WS = " \t\r\n"
-_ARGUMENT_KEYS = ("arguments", "parameters")
-_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def new_tool_call_id() -> str:
@@ -56,121 +47,6 @@ def tool_names(tools: Any) -> set[str]:
     return names
 
 
-# ----------------------------------------------------------------------------- JSON of one call
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-_STRICT = json.JSONDecoder(parse_constant=_reject_constant)
-# Accepts raw control characters (a newline, a tab) inside strings, which models write.
-_LAX = json.JSONDecoder(strict=False, parse_constant=_reject_constant)
-
-
-def _escape_controls(text: str) -> str:
-    """JSON text read by :data:`_LAX` -> strict JSON: escape control characters in strings."""
-    out: list[str] = []
-    in_str = esc = False
-    for c in text:
-        if in_str:
-            if esc:
-                esc = False
-            elif c == "\\":
-                esc = True
-            elif c == '"':
-                in_str = False
-            elif c < " ":
-                c = _CONTROL_ESCAPES.get(c) or f"\\u{ord(c):04x}"
-        elif c == '"':
-            in_str = True
-        out.append(c)
-    return "".join(out)
-
-
-def _no_lone_surrogates(text: str) -> str:
-    # A "\ud83d" escape without its pair decodes to a lone surrogate, which UTF-8 cannot hold.
-    return _SURROGATE.sub("\ufffd", text)
-
-
-def _object_fields(text: str, decoder: json.JSONDecoder) -> dict[str, tuple[Any, int, int]] | None:
-    """The members of the JSON object ``text`` -- key: (value, start, end of its text) --
-    or None when ``text`` is not exactly one JSON object. A repeated key keeps its first value."""
-    n = len(text)
-
-    def skip(i: int) -> int:
-        while i < n and text[i] in _JSON_WS:
-            i += 1
-        return i
-
-    fields: dict[str, tuple[Any, int, int]] = {}
-    i = skip(1) if text.startswith("{") else n
-    if i < n and text[i] == "}":
-        return fields if skip(i + 1) == n else None
-    try:
-        while i < n and text[i] == '"':
-            key, i = decoder.raw_decode(text, i)
-            i = skip(i)
-            if i >= n or text[i] != ":":
-                return None
-            i = skip(i + 1)
-            value, end = decoder.raw_decode(text, i)
-            fields.setdefault(key, (value, i, end))
-            i = skip(end)
-            if i < n and text[i] == ",":
-                i = skip(i + 1)
-            elif i < n and text[i] == "}":
-                return fields if skip(i + 1) == n else None
-            else:
-                return None
-    except (ValueError, RecursionError):
-        return None
-    return None
-
-
-def _string_arguments(value: str) -> str:
-    """``"arguments"`` given as a JSON string: its text when it holds a JSON object, else the
-    string itself encoded as JSON (``""`` -> ``'""'``, ``"hello"`` -> ``'"hello"'``)."""
-    value = _no_lone_surrogates(value)
-    text = value.strip()
-    for decoder in (_STRICT, _LAX):
-        try:
-            obj = decoder.decode(text)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(obj, dict):
-            return text if decoder is _STRICT else _escape_controls(text)
-        break
-    return json.dumps(value, ensure_ascii=False)
-
-
-def parse_call(text: str, names: set[str]) -> tuple[str, str] | None:
-    """``(name, arguments)`` for one complete JSON call object, or None when it is not a
-    call: not a JSON object, no non-empty string ``name``, or a name not in ``names`` (when
-    given). ``arguments`` is always JSON text: an object (or other non-string value) as the
-    model wrote it, a string decoded when it holds an object and encoded otherwise, ``{}``
-    when missing or null. ``"parameters"`` is accepted for ``"arguments"``."""
-    for decoder in (_STRICT, _LAX):
-        fields = _object_fields(text, decoder)
-        if fields is not None:
-            break
-    else:
-        return None
-    name = fields.get("name", (None,))[0]
-    if not isinstance(name, str) or not name or (names and name not in names):
-        return None
-    found = next((fields[key] for key in _ARGUMENT_KEYS if key in fields), None)
-    if found is None or found[0] is None:
-        arguments = "{}"
-    elif isinstance(found[0], str):
-        arguments = _string_arguments(found[0])
-    else:
-        arguments = text[found[1] : found[2]]
-        if decoder is _LAX:
-            arguments = _escape_controls(arguments)
-    return _no_lone_surrogates(name), arguments
-
-
 # ----------------------------------------------------------------------------- state machine
 
 
@@ -186,17 +62,6 @@ class _Call:
 
 # modes: outside blocks; inside a block (JSON); inside a block after junk that followed a call
 _TEXT, _BLOCK, _TAIL = range(3)
-
-
-def _marker_at(buf: str, i: int, final: bool) -> str | None:
-    """The marker starting at ``buf[i]``; "" when none does; None when ``buf[i:]`` may be
-    the start of one still arriving (not at the end of the stream)."""
-    for marker in _MARKERS:
-        if buf.startswith(marker, i):
-            return marker
-    if not final and len(buf) - i < _LONGEST_MARKER and any(m.startswith(buf[i:]) for m in _MARKERS):
-        return None
-    return ""
 
 
 class ToolCallStream:
@@ -244,8 +109,9 @@ class ToolCallStream:
         while pos < n:
             if self.mode == _BLOCK:
                 c = buf[pos]
-                if c == "<" and not self.in_str:  # markers count outside JSON strings only
-                    marker = _marker_at(buf, pos, final)
+                # markers count outside JSON strings only
+                if c == "<" and not (self.item and self.item.in_str):
+                    marker = marker_at(buf, pos, _MARKERS, final)
                     if marker is None:
                         self.pending = buf[pos:]
                         return
@@ -261,7 +127,7 @@ class ToolCallStream:
                 self._text(buf[pos:])
                 return
             self._text(buf[pos:i])
-            marker = _marker_at(buf, i, final)
+            marker = marker_at(buf, i, _MARKERS, final)
             if marker is None:
                 self.pending = buf[i:]
                 return
@@ -329,39 +195,22 @@ class ToolCallStream:
         self.list_state = 0  # 0: no list, 1: inside "[...]", 2: after it
         self.seen_item = False
         self.item_ws = ""  # whitespace between objects
-        self.item: list[str] | None = None  # the JSON object being read
-        self.depth = 0
-        self.in_str = False
-        self.esc = False
+        self.item: ObjectText | None = None  # the JSON object being read
 
     def _block_char(self, c: str) -> None:
         self.raw.append(c)
         item = self.item
         if item is not None:
-            item.append(c)
-            if self.in_str:
-                if self.esc:
-                    self.esc = False
-                elif c == "\\":
-                    self.esc = True
-                elif c == '"':
-                    self.in_str = False
-            elif c == '"':
-                self.in_str = True
-            elif c in "{[":
-                self.depth += 1
-            elif c in "}]":
-                self.depth -= 1
-                if self.depth == 0:
-                    self.item = None
-                    text = "".join(item)
-                    self._end_item(text, parse_call(text, self.names))
+            if item.add(c):
+                self.item = None
+                text = item.text
+                self._end_item(text, parse_call(text, self.names))
             return
-        if c in _JSON_WS:
+        if c in JSON_WS:
             if self.seen_item:
                 self.item_ws += c
         elif c == "{":
-            self.item, self.depth = [c], 1
+            self.item = ObjectText()
         elif c == "[" and self.list_state == 0 and not self.seen_item:
             self.list_state = 1
         elif c == "]" and self.list_state == 1:
@@ -404,11 +253,12 @@ class ToolCallStream:
     def _end_block(self, marker: str, explicit: bool) -> None:
         """``</tool_call>`` or a new ``<tool_call>`` (explicit), or the end of the text."""
         if self.item is not None:
-            text, self.item = "".join(self.item), None
+            item, self.item = self.item, None
+            text = item.text
             # The model closed the block without the object's last "}": supply it. Not at
             # the end of the text: the output was cut off, the call is unfinished.
             call = None
-            if explicit and self.depth == 1:
+            if explicit and item.depth == 1:
                 call = parse_call(text + "}", self.names)
             if call is not None or self.block_calls:
                 self._end_item(text, call)

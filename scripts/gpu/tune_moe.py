@@ -16,7 +16,7 @@ in a CUDA graph, over ``--layers`` distinct weight sets (so the L2 cache holds n
 experts for the next), median of ``--reps`` replays; the five fastest are re-timed before
 one is picked. Kernels are compiled first by a pool of processes into Triton's disk cache.
 
-    python scripts/tune_moe.py --shapes 66:8,64:6 --out out/tuned
+    python scripts/gpu/tune_moe.py --shapes 66:8,64:6 --out out/tuned
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import argparse
 import itertools
 import json
 import multiprocessing as mp
-import os
 import statistics
 import time
 from pathlib import Path
@@ -246,9 +245,10 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
-    root = Path(__file__).resolve().parents[1]
     # "current" = what the plugin runs today: its shipped tables first, then vLLM's.
-    os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(root / "vllm_ernie45" / "moe_configs"))
+    from vllm_ernie45 import envs
+
+    envs.use_tuned_moe_configs()
     import triton
 
     out_dir = Path(args.out)

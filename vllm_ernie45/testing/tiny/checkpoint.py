@@ -20,7 +20,7 @@ Variants mirror the real family:
 ===============  ==========================================================================
 
 Published checkpoints take further forms (keys left out of config.json, the correction bias
-stored ``[E]``, the dense model's first architecture name, ...): :mod:`vllm_ernie45.tiny.forms`
+stored ``[E]``, the dense model's first architecture name, ...): :mod:`vllm_ernie45.testing.tiny.forms`
 derives them from these.
 """
 
@@ -146,13 +146,13 @@ def _add_mtp_tensors(out_dir: Path, config: Any, seed: int, transposed: bool, ag
     """Add ERNIE's MTP head (every tensor of ``vllm_ernie45.checkpoint.mtp_schema``) with random
     values at the scales of ``_randomise``; ``transposed``: ``mtp_linear_proj`` stored ``[2H, H]``
     as some 300B-A47B -PT checkpoints do; ``agree``: the whole checkpoint made to agree with
-    its MTP head by construction (``vllm_ernie45.tiny.mtp_agree``)."""
+    its MTP head by construction (``vllm_ernie45.testing.tiny.mtp_agree``)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from vllm_ernie45.checkpoint import mtp_schema
     from vllm_ernie45.config import arch_from_config
-    from vllm_ernie45.tiny.mtp_agree import make_agree
+    from vllm_ernie45.testing.tiny.mtp_agree import make_agree
 
     gen = torch.Generator().manual_seed(seed + 1)
     file = out_dir / "model.safetensors"
@@ -219,7 +219,7 @@ def make_tiny_checkpoint(
         config.num_nextn_predict_layers = 1
         _add_mtp_tensors(out, config, seed, mtp_transposed, mtp_agree)
     if with_tokenizer:
-        from vllm_ernie45.tiny.tokenizer import build_ernie_tokenizer
+        from vllm_ernie45.testing.tiny.tokenizer import build_ernie_tokenizer
 
         build_ernie_tokenizer(out)
     return out

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Bounded load/soak run of ``vllm serve`` with the ``ernie45`` parsers (loopback only).
 
-    python scripts/serve_load.py --out load.json                 # start a server on a tiny checkpoint
-    python scripts/serve_load.py --url http://127.0.0.1:8000 --requests 16 --out load.json
+    python scripts/serving/serve_load.py --out load.json                 # start a server on a tiny checkpoint
+    python scripts/serving/serve_load.py --url http://127.0.0.1:8000 --requests 16 --out load.json
 
 Without ``--url`` it writes a tiny random ERNIE 4.5 checkpoint (with tokenizer), starts
 ``vllm serve`` on 127.0.0.1 (free port, both ``ernie45`` parsers, CPU-friendly flags), and
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp = tempfile.TemporaryDirectory(prefix="serve-load-")
             ckpt = Path(args.checkpoint) if args.checkpoint else None
             if ckpt is None:
-                from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+                from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
                 ckpt = make_tiny_checkpoint(Path(tmp.name) / "ckpt", "21b", with_tokenizer=True)
             port = free_port()
             url = f"http://127.0.0.1:{port}"

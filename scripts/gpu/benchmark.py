@@ -12,10 +12,10 @@ random prompt token ids. Scenarios (``--scenarios``):
     bs1000    1000 x (512 / 256): output and total tok/s
     prefill   200 x (2048 / 32): total tok/s
 
-    python scripts/benchmark.py --config ../shared/gpu/ernie-4.5-21b-a3b-pt.config.json \
+    python scripts/gpu/benchmark.py --config ../shared/gpu/ernie-4.5-21b-a3b-pt.config.json \
         --impls intree,plugin --out out/bench.json
 
-Prints a table with plugin / in-tree ratios and writes JSON; ``scripts/plot_benchmark.py``
+Prints a table with plugin / in-tree ratios and writes JSON; ``scripts/gpu/plot_benchmark.py``
 draws the PNG.
 """
 
@@ -99,7 +99,7 @@ def child(args: argparse.Namespace) -> int:
     startup = time.perf_counter() - t0
     facts = {}
     try:
-        from vllm_ernie45.parity import model_facts
+        from vllm_ernie45.testing.parity import model_facts
 
         facts = llm.apply_model(model_facts)[0]
     except Exception as err:  # the in-tree run has no plugin loaded; facts are optional

@@ -4,11 +4,11 @@ in-tree model vs HF transformers on the same GPU, on a tiny fp32 and a mid-size 
 checkpoint (random non-zero ``e_score_correction_bias``); every other engine also against
 the plugin's defaults.
 
-Every engine runs in its own process (``python -m vllm_ernie45.parity``); HF scores the
+Every engine runs in its own process (``python -m vllm_ernie45.testing.parity``); HF scores the
 exact token ids vLLM produced, so logprob differences compare like with like.
 
-    python scripts/gpu_parity.py --out out/gpu_parity.json            # plugin, reference router, in-tree
-    python scripts/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-fp8 --out out/fp8.json
+    python scripts/gpu/gpu_parity.py --out out/gpu_parity.json            # plugin, reference router, in-tree
+    python scripts/gpu/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-fp8 --out out/fp8.json
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vllm_ernie45.parity import compare, run_in_child
-from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+from vllm_ernie45.testing.parity import APPLY_MODEL_ENV, compare, run_in_child
+from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
 CHECKPOINTS = {
     # name: (variant, dtype, overrides)
@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         for engine in engines:
             env, vllm_args = ENGINES[engine]
             out = work / f"{ck}.{engine}.json"
-            runs[engine] = run_in_child(["--engine", "vllm", "--model", str(model), "--out", str(out), "--dtype", dtype,
-                  "--max-tokens", str(args.max_tokens), "--vllm-args", json.dumps(vllm_args)], env)
+            runs[engine] = run_in_child("vllm", model, out, {**APPLY_MODEL_ENV, **env}, dtype=dtype,
+                                        max_tokens=args.max_tokens, vllm_args=vllm_args)
             ref = work / f"{ck}.{engine}.hf.json"
-            reference = run_in_child(["--engine", "hf", "--model", str(model), "--out", str(ref), "--dtype", dtype,
-                  "--device", "cuda", "--max-tokens", str(args.max_tokens), "--track", str(out)], {})
+            reference = run_in_child("hf", model, ref, dtype=dtype, device="cuda", max_tokens=args.max_tokens,
+                                     track=out)
             cmp = compare(runs[engine], reference)
             report[f"{ck} {engine} vs hf"] = {**cmp.__dict__, "model_class": runs[engine].get("model_class"),
                                              "fused_shared": runs[engine].get("fused_shared")}

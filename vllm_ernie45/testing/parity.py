@@ -1,8 +1,8 @@
 """Greedy generation with logprobs through vLLM and through the HF reference, and their diff.
 
-Each engine runs in its own process (``python -m vllm_ernie45.parity --engine ...``) so vLLM
-never shares a process with a CUDA context or tokenizer threads it did not create, and the
-results travel as JSON:
+Each engine runs in its own process (``python -m vllm_ernie45.testing.parity --engine ...``)
+so vLLM never shares a process with a CUDA context or tokenizer threads it did not create, and
+the results travel as JSON:
 
     {"engine": ..., "model_class": ..., "outputs": [
         {"tokens": [...],                       # greedy completion token ids
@@ -22,6 +22,20 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+# vLLM accepts the pickled function of ``LLM.apply_model`` (:func:`model_facts`) only with this
+# switch on. Package code never sets it: the front ends that start an engine and ask it for
+# facts (tests, scripts, eval/) pass APPLY_MODEL_ENV to the child, or set it themselves.
+APPLY_MODEL_SWITCH = "VLLM_ALLOW_INSECURE_SERIALIZATION"
+APPLY_MODEL_ENV = {APPLY_MODEL_SWITCH: "1"}
+
+
+def apply_model_allowed() -> bool:
+    """Whether this process may send a function to vLLM's workers (read as vLLM reads it)."""
+    try:
+        return int(os.environ.get(APPLY_MODEL_SWITCH, "0")) != 0
+    except ValueError:
+        return False
 
 
 def default_prompts(vocab_size: int, n: int = 4, length: int = 12, seed: int = 0) -> list[list[int]]:
@@ -63,7 +77,13 @@ def run_vllm(
     dtype: str,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # for apply_model
+    if not apply_model_allowed():
+        # vLLM would refuse (or hang on) the pickled function of apply_model below.
+        raise RuntimeError(
+            "run_vllm asks vLLM's worker for model facts (LLM.apply_model), which needs "
+            f"{APPLY_MODEL_SWITCH}=1 in the environment before the engine starts; the front end "
+            "sets it (run_in_child(..., env=APPLY_MODEL_ENV))"
+        )
     from vllm import LLM, SamplingParams
 
     from vllm_ernie45.child_run import close_llm
@@ -79,14 +99,14 @@ def run_vllm(
     kwargs.update(extra or {})
     if "speculative_config" in kwargs:
         kwargs.setdefault("disable_log_stats", False)  # LLM.get_metrics() needs the stats
-    from vllm_ernie45.memory import default_memory_utilization
+    from vllm_ernie45.testing.memory import default_memory_utilization
 
     if default_memory_utilization() is not None:
         kwargs.setdefault("gpu_memory_utilization", default_memory_utilization())
     llm = LLM(**kwargs)
     # Imported by its module path so it pickles by reference even when this file runs as
-    # __main__ (python -m vllm_ernie45.parity).
-    from vllm_ernie45.parity import model_facts as by_reference
+    # __main__ (python -m vllm_ernie45.testing.parity).
+    from vllm_ernie45.testing.parity import model_facts as by_reference
 
     facts = llm.apply_model(by_reference)[0]
     params = SamplingParams(
@@ -209,17 +229,28 @@ def compare(test: dict[str, Any], ref: dict[str, Any]) -> Comparison:
     return Comparison(tokens_equal, mismatch, max_dec, max_pre, n)
 
 
-def run_in_child(cli_args: list[str], env: dict[str, str] | None = None, timeout: int | None = None) -> dict[str, Any]:
-    """``python -m vllm_ernie45.parity CLI_ARGS`` in its own process; its result, judged by
-    exit status, complete result file and clean engine shutdown (``vllm_ernie45.child_run``)."""
+def run_in_child(
+    engine: str,
+    model: str | Path,
+    out: str | Path,
+    env: dict[str, str] | None = None,
+    timeout: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """``python -m vllm_ernie45.testing.parity --engine ENGINE --model MODEL --out OUT ...`` in
+    its own process; its result, judged by exit status, complete result file and clean engine
+    shutdown (``vllm_ernie45.child_run``). ``options`` are the other flags of :func:`main`
+    (``max_tokens=8`` -> ``--max-tokens 8``; ``vllm_args`` a dict, sent as JSON)."""
     import subprocess
 
     from vllm_ernie45.child_run import judge_child
 
+    cli_args = ["--engine", engine, "--model", str(model), "--out", str(out)]
+    for key, value in options.items():
+        cli_args += [f"--{key.replace('_', '-')}", json.dumps(value) if key == "vllm_args" else str(value)]
     full_env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "vllm_ernie45.parity", *cli_args],
+    proc = subprocess.run([sys.executable, "-m", "vllm_ernie45.testing.parity", *cli_args],
                           capture_output=True, text=True, env=full_env, timeout=timeout)  # fmt: skip
-    out = cli_args[cli_args.index("--out") + 1]
     return judge_child(proc.returncode, out, f"{cli_args[:2]}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
 
 

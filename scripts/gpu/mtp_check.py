@@ -2,12 +2,12 @@
 """MTP speculative decoding is lossless, on any device: greedy tokens with
 ``speculative_config={"method": "mtp", "num_speculative_tokens": k}`` equal those without, on
 tiny ERNIE checkpoints with the MTP head -- random (the draft rarely agrees: the rejection path)
-and agreeing by construction (``vllm_ernie45.tiny.mtp_agree``: the acceptance path) -- and the
+and agreeing by construction (``vllm_ernie45.testing.tiny.mtp_agree``: the acceptance path) -- and the
 draft's acceptance on each, from vLLM's counters. Each engine runs in its own process
-(``python -m vllm_ernie45.parity``).
+(``python -m vllm_ernie45.testing.parity``).
 
-    python scripts/mtp_check.py --ks 1,2,3 --out out/mtp_check.json          # CPU, eager
-    python scripts/mtp_check.py --ks 1,3 --compiled --dtype bfloat16         # GPU: compiled, CUDA graphs
+    python scripts/gpu/mtp_check.py --ks 1,2,3 --out out/mtp_check.json          # CPU, eager
+    python scripts/gpu/mtp_check.py --ks 1,3 --compiled --dtype bfloat16         # GPU: compiled, CUDA graphs
 """
 
 from __future__ import annotations
@@ -18,15 +18,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vllm_ernie45.parity import default_prompts, run_in_child
-from vllm_ernie45.tiny.checkpoint import make_tiny_checkpoint
+from vllm_ernie45.testing.parity import APPLY_MODEL_ENV, default_prompts, run_in_child
+from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
 
 def run_engine(model: Path, out: Path, prompts: Path, vllm_args: dict, max_tokens: int, dtype: str,
                env: dict | None = None) -> dict:
-    return run_in_child(["--engine", "vllm", "--model", str(model), "--out", str(out), "--prompts", str(prompts),
-                         "--max-tokens", str(max_tokens), "--top-k", "1", "--dtype", dtype,
-                         "--vllm-args", json.dumps(vllm_args)], env=env)  # fmt: skip
+    return run_in_child("vllm", model, out, {**APPLY_MODEL_ENV, **(env or {})}, prompts=prompts,
+                        max_tokens=max_tokens, top_k=1, dtype=dtype, vllm_args=vllm_args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,9 +12,9 @@ preparation). ``report`` runs anywhere: it classifies the kernels, takes the med
 and prints a table per kind with time, share of the step, bytes a kind must read (from the
 config) and its distance to the measured copy bandwidth.
 
-    python scripts/decode_anatomy.py collect --config scripts/configs/ernie-4.5-21b-a3b-pt.config.json \
+    python scripts/gpu/decode_anatomy.py collect --config scripts/configs/ernie-4.5-21b-a3b-pt.config.json \
         --impls intree,plugin --out out/anatomy
-    python scripts/decode_anatomy.py report out/anatomy/*.json
+    python scripts/gpu/decode_anatomy.py report out/anatomy/*.json
 
 An implementation is ``NAME[:QUANTIZATION][@TAG]``: NAME from ``benchmark.IMPLS`` (process
 environment), QUANTIZATION an engine ``quantization`` (``fp8``, ``experts_int8``), TAG to

@@ -12,7 +12,7 @@ Each run is its own process, one after the other, on the full-size config with
 
 Every run measures each scenario twice on the same engine: first with the dummy (random)
 weights -- the draft never agrees, acceptance ~0 -- then after
-``vllm_ernie45.tiny.mtp_agree.make_loaded_models_agree`` has rewritten the loaded weights in
+``vllm_ernie45.testing.tiny.mtp_agree.make_loaded_models_agree`` has rewritten the loaded weights in
 place so that the MTP head agrees with the model by construction (acceptance ~1); the plain run
 gets the same rewrite, so its timing is on the same weights. Scenarios: ``bs1`` (1 x 128 in /
 256 out) and ``bs32`` (32 x 512 / 256).
@@ -24,7 +24,7 @@ accepted with probability a given the previous one was) for k drafted tokens:
 ``tokens/step = (1 - a**(k+1)) / (1 - a)``; ``ms/token = step_ms(k) / tokens/step``, with
 step_ms(k) measured at acceptance ~1 (the step that verifies k drafts).
 
-    python scripts/mtp_benchmark.py --config ../shared/gpu/ernie-4.5-21b-a3b-pt.config.json \
+    python scripts/gpu/mtp_benchmark.py --config ../shared/gpu/ernie-4.5-21b-a3b-pt.config.json \
         --runs plain,plugin:1,intree:1 --out out/mtp.json
 """
 
@@ -75,7 +75,7 @@ def child(args) -> int:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     from vllm import LLM, SamplingParams
 
-    from vllm_ernie45.tiny.mtp_agree import make_loaded_models_agree
+    from vllm_ernie45.testing.tiny.mtp_agree import make_loaded_models_agree
 
     draft, k = parse_run(args.child)
     model_dir = Path(tempfile.mkdtemp(prefix="ernie-mtp-bench-"))

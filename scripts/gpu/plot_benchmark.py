@@ -2,7 +2,7 @@
 """Bar chart (PNG) of benchmark JSON files: each implementation's speed relative to the
 in-tree model of the same run (higher is better; startup and ms/token inverted).
 
-    python scripts/plot_benchmark.py docs/results/bench2_h100.intree.json \
+    python scripts/gpu/plot_benchmark.py docs/results/bench2_h100.intree.json \
         docs/results/bench2_h100.plugin.json --out docs/performance_h100.png
 """
 

@@ -74,7 +74,7 @@ ERNIE_SPECIAL_TOKENS = (
 SPECIAL_TOKENS = (UNK, BOS, EOS, *ERNIE_SPECIAL_TOKENS)
 
 CHAT_TEMPLATE = """\
-{#- ERNIE 4.5 Thinking chat format; sources in vllm_ernie45/tiny/tokenizer.py. -#}
+{#- ERNIE 4.5 Thinking chat format; sources in vllm_ernie45/testing/tiny/tokenizer.py. -#}
 {#- Thinking is off for enable_thinking false, a number equal to 0, or the strings
     false/0/no/off (any case, spaces ignored); anything else, absent or null: on. This is
     vllm_ernie45.parsers.thinking.thinking_off_value, which the parsers use. -#}
