@@ -156,21 +156,21 @@ _GATE_CHILD = """
 import tempfile, torch
 from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.distributed import init_distributed_environment, initialize_model_parallel
-from vllm_ernie45.router_gate import router_gate_cls
+from vllm_ernie45 import compat
 
 with set_current_vllm_config(VllmConfig()):
     init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
                                  distributed_init_method="file://" + tempfile.mktemp())
     initialize_model_parallel(1, 1)
     torch.set_default_dtype(torch.bfloat16)  # as while a bf16 model loads
-    gate = router_gate_cls()(64, 8, torch.bfloat16, prefix="gate")
-    gate.weight.weight_loader(gate.weight, torch.randn(8, 64, dtype=torch.float32))
-    assert gate.loaded_from_checkpoint
+    gate = compat.gate_linear_cls()(64, 8, bias=False, out_dtype=torch.float32,
+                                    params_dtype=torch.float32, prefix="gate")
+    gate.weight.data.copy_(torch.randn(8, 64, dtype=torch.float32))
     ref = gate.weight.detach().clone()
     gate.quant_method.process_weights_after_loading(gate)
     torch.set_default_dtype(torch.float32)
 x = torch.randn(5, 64)
-out = gate(x)
+out, _ = gate(x)
 assert out.dtype == torch.float32, out.dtype
 print("MAXDIFF", float((out - x @ ref.t()).abs().max()))
 """

@@ -9,10 +9,6 @@
     ``auto`` (default): on CUDA, run shared experts inside the routed fused-MoE call as
     always-selected experts of weight 1 (not with expert parallelism / EPLB, nor with
     ``use_bias``); ``0``/``1`` force it off/on (on is still refused where it cannot apply).
-``VLLM_ERNIE45_ROUTER_GEMM``
-    ``auto`` (default): on CUDA, a bf16 model's router gate runs as a bf16 × bf16 → fp32 GEMM
-    where its weight holds bf16 values (the same logits; ``vllm_ernie45.router_gate``);
-    ``fp32``: always the fp32 GEMM.
 ``VLLM_ERNIE45_QUANT_SCOPE``
     ``all`` (default): an engine ``quantization`` applies to every linear layer vLLM
     quantizes. ``experts``: only to the MoE experts -- attention projections and dense MLPs
@@ -68,10 +64,6 @@ def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r}; choose one of {choices}")
     return value
-
-
-def router_gemm() -> str:
-    return _choice("VLLM_ERNIE45_ROUTER_GEMM", "auto", ("auto", "fp32"))
 
 
 def quant_scope() -> str:

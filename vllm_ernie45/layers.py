@@ -32,7 +32,6 @@ from vllm.platforms import current_platform
 
 from vllm_ernie45 import compat, envs
 from vllm_ernie45.config import ErnieArch
-from vllm_ernie45.router_gate import router_gate_cls
 from vllm_ernie45.routing import make_routing_function
 
 
@@ -190,8 +189,13 @@ class ErnieMoE(nn.Module):
         self.n_physical_experts = self.n_logical_experts + self.n_redundant_experts
         self.n_local_physical_experts = self.n_physical_experts // get_ep_group().world_size
 
-        self.gate = router_gate_cls()(
-            arch.hidden_size, arch.num_experts, vllm_config.model_config.dtype, prefix=f"{prefix}.gate"
+        self.gate = compat.gate_linear_cls()(
+            arch.hidden_size,
+            arch.num_experts,
+            bias=False,
+            out_dtype=torch.float32,
+            params_dtype=torch.float32,
+            prefix=f"{prefix}.gate",
         )
         self.e_score_correction_bias = nn.Parameter(
             torch.empty(arch.num_experts, dtype=torch.float32), requires_grad=False
@@ -229,7 +233,7 @@ class ErnieMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         hidden_states = hidden_states.view(-1, shape[-1])
-        router_logits = self.gate(hidden_states)
+        router_logits, _ = self.gate(hidden_states.float())
         out = self.experts(hidden_states=hidden_states, router_logits=router_logits)
         return out.view(shape)
 

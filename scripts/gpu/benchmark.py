@@ -46,7 +46,6 @@ IMPLS = {
     "plugin-marlin": {"VLLM_TEST_FORCE_FP8_MARLIN": "1"},
     "plugin-marlin-experts": {"VLLM_TEST_FORCE_FP8_MARLIN": "1", "VLLM_ERNIE45_QUANT_SCOPE": "experts"},
     "plugin-experts": {"VLLM_ERNIE45_QUANT_SCOPE": "experts"},
-    "plugin-fp32gate": {"VLLM_ERNIE45_ROUTER_GEMM": "fp32"},
     "intree-marlin": {"VLLM_PLUGINS": "", "VLLM_TEST_FORCE_FP8_MARLIN": "1"},
 }
 

@@ -1,0 +1,44 @@
+"""The plugin's switches (vllm_ernie45.envs): defaults, case, and a clear error naming the
+variable for a value it does not know."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_ernie45 import envs
+
+
+def test_quant_scope(monkeypatch):
+    monkeypatch.delenv("VLLM_ERNIE45_QUANT_SCOPE", raising=False)
+    assert envs.quant_scope() == "all"
+    monkeypatch.setenv("VLLM_ERNIE45_QUANT_SCOPE", "Experts")
+    assert envs.quant_scope() == "experts"
+    monkeypatch.setenv("VLLM_ERNIE45_QUANT_SCOPE", "attention")
+    with pytest.raises(ValueError, match="VLLM_ERNIE45_QUANT_SCOPE"):
+        envs.quant_scope()
+
+
+@pytest.mark.parametrize(
+    "read, name, default, other",
+    [
+        (lambda: envs.router_backend(True), "VLLM_ERNIE45_ROUTER", "triton", "torch"),
+        (lambda: envs.mtp_draft(), "VLLM_ERNIE45_MTP_DRAFT", "plugin", "intree"),
+        (lambda: envs.mtp_hidden_state(), "VLLM_ERNIE45_MTP_HIDDEN", "pre_norm", "post_norm"),
+    ],
+)
+def test_choices(monkeypatch, read, name, default, other):
+    monkeypatch.delenv(name, raising=False)
+    assert read() == default
+    monkeypatch.setenv(name, other.upper())
+    assert read() == other
+    monkeypatch.setenv(name, "nonsense")
+    with pytest.raises(ValueError, match=name):
+        read()
+
+
+def test_router_on_cpu(monkeypatch):
+    monkeypatch.delenv("VLLM_ERNIE45_ROUTER", raising=False)
+    assert envs.router_backend(False) == "torch"
+    monkeypatch.setenv("VLLM_ERNIE45_ROUTER", "triton")
+    with pytest.raises(ValueError, match="CUDA"):
+        envs.router_backend(False)
