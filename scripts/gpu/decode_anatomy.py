@@ -280,8 +280,8 @@ def label_step(names: list[str], graph: list[list]) -> list[str]:
     qkv; in an MoE layer the next one is the router gate and any others are shared experts
     run beside the fused-MoE call (vLLM's in-tree model); in a dense layer they are the MLP."""
     kinds = [classify(names[k[0]]) for k in graph]
-    # A split-K reduction finishes the GEMM before it: label it with that GEMM afterwards.
-    tails = [i for i, k in enumerate(graph) if kinds[i] == "gemm" and re.search(r"splitKreduce", names[k[0]])]
+    # A split-K (or cuBLAS GEMV) reduction finishes the GEMM before it: label it with that GEMM.
+    tails = [i for i, k in enumerate(graph) if kinds[i] == "gemm" and re.search(r"splitKreduce|reduce_1Block_kernel", names[k[0]])]
     for i in tails:
         kinds[i] = "gemm tail"
     attn = [i for i, k in enumerate(kinds) if k == "attention"]
@@ -419,19 +419,65 @@ def render(result: dict, machine: dict) -> str:
     return "\n".join(lines)
 
 
-def report(args: argparse.Namespace) -> int:
-    for path in args.results:
-        path = Path(path)
+def _read_json(path: Path) -> dict:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt") as f:
+            return json.load(f)
+    return json.loads(path.read_text())
+
+
+def _loaded(paths: list[str], config: str | None) -> list[tuple[dict, dict]]:
+    """(result, machine) per result file; machine.json beside it (GPU, copy bandwidth)."""
+    out = []
+    for path in map(Path, paths):
         if path.name == "machine.json":
             continue
         machine_path = path.with_name("machine.json")
         machine = json.loads(machine_path.read_text()) if machine_path.exists() else {}
-        if args.config:
-            machine["config"] = args.config
-        print(render(json.loads(path.read_text()), machine))
+        if config:
+            machine["config"] = config
+        out.append((_read_json(path), machine))
+    return out
+
+
+def render_columns(loaded: list[tuple[dict, dict]], labels: list[str]) -> str:
+    """One table, a column of µs per step for every result; bounds from each GPU's bandwidth."""
+    summaries = [summarise(r)["median"] for r, _ in loaded]
+    config = json.loads(Path(loaded[0][1]["config"]).read_text()) if loaded[0][1].get("config") else None
+    wbytes = weight_bytes(config) if config else {}
+    gpus = []
+    for _, m in loaded:
+        if m.get("copy_bandwidth_gbs") and m.get("gpu") not in [g for g, _ in gpus]:
+            gpus.append((m["gpu"], m["copy_bandwidth_gbs"]))
+    head = "| kind | " + " | ".join(labels) + " | weight MB | " + " | ".join(f"bound µs ({g.split()[1]})" for g, _ in gpus) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for kind in KINDS:
+        mb = wbytes.get(kind)
+        bounds = [f"{mb / (bw * 1e3):.0f}" if mb else "" for _, bw in gpus]
+        lines.append(f"| {kind} | " + " | ".join(f"{s[kind]:.0f}" for s in summaries) + " | "
+                     + (f"{mb / 1e6:.0f}" if mb else "") + " | " + " | ".join(bounds) + " |")
+    total = sum(wbytes.values())
+    lines.append("| **step (median profiled)** | " + " | ".join(f"**{s['step_us']:.0f}**" for s in summaries)
+                 + f" | {total / 1e6:.0f} | " + " | ".join(f"{total / (bw * 1e3):.0f}" for _, bw in gpus) + " |")
+    lines.append("| unprofiled ms/token (best of runs) | " + " | ".join(f"{r['ms_per_token']:.3f}" for r, _ in loaded)
+                 + " | |" + " |" * len(gpus))
+    lines.append("| kernels in the graph | " + " | ".join(f"{s['kernels_in_graph']:.0f}" for s in summaries)
+                 + " | |" + " |" * len(gpus))
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace) -> int:
+    loaded = _loaded(args.results, args.config)
+    if args.columns:
+        labels = args.columns.split(",")
+        if len(labels) != len(loaded):
+            raise SystemExit(f"--columns names {len(labels)} columns for {len(loaded)} results")
+        print(render_columns(loaded, labels))
+        return 0
+    for result, machine in loaded:
+        print(render(result, machine))
         print()
         if args.kernels:
-            result = json.loads(path.read_text())
             names = result["kernel_names"]
             decode = decode_steps_of(result)
             step = decode[len(decode) // 2]
@@ -459,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("results", nargs="+")
     r.add_argument("--config", default=None)
     r.add_argument("--kernels", action="store_true", help="list the kernels of one decode step")
+    r.add_argument("--columns", help="one table, a column per result: their labels, comma-separated")
     args = parser.parse_args(argv)
     if args.cmd == "collect":
         return child(args) if args.child else collect(args)
