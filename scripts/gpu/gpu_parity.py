@@ -9,6 +9,7 @@ exact token ids vLLM produced, so logprob differences compare like with like.
 
     python scripts/gpu/gpu_parity.py --out out/gpu_parity.json            # plugin, reference router, in-tree
     python scripts/gpu/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-fp8 --out out/fp8.json
+    python scripts/gpu/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-tp2,mid-bf16:plugin-tp2-ep,mid-bf16:plugin-pp2,mid-bf16:plugin-tp2-ep-eplb --out out/layouts.json   # 2 GPUs
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ ENGINES = {
     ),
     "plugin-fp8": ({}, {**EAGER, "quantization": "fp8"}),
     "intree": ({"VLLM_PLUGINS": ""}, EAGER),
+    # Parallel layouts (2 GPUs): each also compared with the one-GPU plugin run.
+    "plugin-tp2": ({}, {**EAGER, "tensor_parallel_size": 2}),
+    "plugin-tp2-ep": ({}, {**EAGER, "tensor_parallel_size": 2, "enable_expert_parallel": True}),
+    "plugin-pp2": ({}, {**EAGER, "pipeline_parallel_size": 2}),
+    # EPLB with 2 redundant experts, rebalancing every 4 steps within the 16 generated tokens.
+    "plugin-tp2-ep-eplb": ({}, {**EAGER, "tensor_parallel_size": 2, "enable_expert_parallel": True,
+                                "enable_eplb": True,
+                                "eplb_config": {"num_redundant_experts": 2, "window_size": 4, "step_interval": 4}}),
 }
 
 
