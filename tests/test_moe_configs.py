@@ -34,11 +34,33 @@ def _load_tuner():
     return module
 
 
+def per_rank_shapes() -> set[tuple[int, int]]:
+    """Every (E, N) a fused-MoE call of ERNIE 4.5 has on one rank: the 21B-A3B (64 experts of
+    N=1536, 2 shared experts fused in as E=66 except under expert parallelism) and the
+    300B-A47B (64 experts of N=3584, no shared experts), under TP or EP of 1, 2, 4 and 8."""
+    shapes = set()
+    for size in (1, 2, 4, 8):
+        shapes |= {(66, 1536 // size), (64, 1536 // size), (64 // size, 1536)}  # 21B: TP fused/unfused, EP
+        shapes |= {(64, 3584 // size), (64 // size, 3584)}  # 300B: TP, EP
+    return shapes
+
+
 def test_tables_for_h100_and_h200_are_shipped():
     names = {p.name for p in TABLES}
     assert "E=66,N=1536,device_name=NVIDIA_H100_80GB_HBM3.json" in names
     assert "E=66,N=1536,device_name=NVIDIA_H200.json" in names
     assert "E=64,N=1536,device_name=NVIDIA_H200.json" in names
+    # Per-rank shapes of the multi-GPU layouts (issue 12): TP=2/4/8 and EP=2/4/8 of the 21B,
+    # TP=8 and EP=8 of the 300B, on both GPUs.
+    for gpu in ("NVIDIA_H100_80GB_HBM3", "NVIDIA_H200"):
+        for e, n in [(66, 768), (66, 384), (66, 192), (32, 1536), (16, 1536), (8, 1536), (64, 448), (8, 3584)]:
+            assert f"E={e},N={n},device_name={gpu}.json" in names, (e, n, gpu)
+
+
+@pytest.mark.parametrize("path", TABLES, ids=lambda p: p.name)
+def test_table_is_for_a_per_rank_shape_of_ernie(path):
+    e, n = (int(x) for x in re.match(r"E=(\d+),N=(\d+),", path.name).groups())
+    assert (e, n) in per_rank_shapes(), path.name
 
 
 @pytest.mark.parametrize("path", TABLES, ids=lambda p: p.name)
@@ -81,3 +103,17 @@ def test_tuner_search_space_fits_hopper_and_token_sizes():
     # Weight bytes a call must stream: 8 experts of 3 x 2560 x 1536 bf16 at one token.
     assert tuner.weight_bytes(8, 2560, 1536, 1, 66) == 8 * 3 * 2560 * 1536 * 2
     assert tuner.weight_bytes(8, 2560, 1536, 1000, 66) == 66 * 3 * 2560 * 1536 * 2
+
+
+def test_tuner_expert_parallel_map_masks_other_ranks():
+    """An EP shape is tuned as vLLM runs it: rank 0 holds E / EP experts, pairs routed to the
+    other ranks are -1 in the expert map (and skipped by the kernel)."""
+    tuner = _load_tuner()
+    expert_map = tuner.local_expert_map(64, 2, device="cpu")
+    assert expert_map[:32].tolist() == list(range(32))
+    assert set(expert_map[32:].tolist()) == {-1}
+    assert tuner.local_expert_map(64, 1, device="cpu") is None
+    with pytest.raises(ValueError, match="EP=3"):
+        tuner.local_expert_map(64, 3, device="cpu")
+    # At one token, rank 0 of EP=2 streams on average half of the 6 routed experts' weights.
+    assert tuner.weight_bytes(6, 2560, 1536, 1, 64, ep=2) == 3 * 3 * 2560 * 1536 * 2

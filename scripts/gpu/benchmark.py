@@ -189,38 +189,53 @@ def bench_parser(description: str, scenarios: str, out: str) -> argparse.Argumen
     return parser
 
 
+def parse_bench_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """``bench_parser``'s args with ``scenarios`` as a list and ``--out``'s folder made."""
+    args = parser.parse_args(argv)
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    if not args.child:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def child_command(script: str, child: str, args: argparse.Namespace, part: Path) -> list[str]:
+    """The command line of one measured engine (a child process), from ``bench_parser``'s args."""
+    return [sys.executable, script, "--child", child, "--config", args.config, "--out", str(part),
+            "--scenarios", ",".join(args.scenarios), "--dtype", args.dtype,
+            "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--repeats", str(args.repeats)]
+
+
+def run_child(name: str, cmd: list[str], env: dict, part: Path, results: dict) -> None:
+    """Run one measured engine; its judged result goes to ``results[name]`` (a failure is printed)."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env)
+    print(f"[{name}] process finished rc={proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
+    try:
+        results[name] = judge_child(proc.returncode, part)
+    except ChildFailed as err:
+        print(f"[{name}] FAILED: {err}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__.splitlines()[0], ",".join(SCENARIOS), "out/bench.json")
     parser.add_argument("--impls", default="intree,plugin")
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--enable-expert-parallel", action="store_true")
-    args = parser.parse_args(argv)
-    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args = parse_bench_args(parser, argv)
     if args.child:
         return child(args)
-
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     for impl in args.impls.split(","):
         part = out.with_name(f"{out.stem}.{impl}.json")
-        cmd = [sys.executable, __file__, "--child", impl, "--config", args.config, "--out", str(part),
-               "--scenarios", ",".join(args.scenarios), "--dtype", args.dtype,
-               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--repeats", str(args.repeats)]
+        cmd = child_command(__file__, impl, args, part)
         if args.quantization:
             cmd += ["--quantization", args.quantization]
         cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
         if args.enable_expert_parallel:
             cmd.append("--enable-expert-parallel")
-        env = impl_env(impl.split("@")[0])
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env)
-        print(f"[{impl}] process finished rc={proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
-        try:
-            results[impl] = judge_child(proc.returncode, part)
-        except ChildFailed as err:
-            print(f"[{impl}] FAILED: {err}", flush=True)
+        run_child(impl, cmd, impl_env(impl.split("@")[0]), part, results)
     base = "intree" if "intree" in results else next(iter(results), "intree")
     report = {"config": args.config, "dtype": args.dtype, "quantization": args.quantization,
               "tensor_parallel_size": args.tensor_parallel_size,

@@ -33,15 +33,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmark import _prompts, bench_parser, gpu_facts  # this folder is on sys.path (run as a script)
+from benchmark import _prompts, bench_parser, child_command, gpu_facts, parse_bench_args, run_child  # this folder is on sys.path (run as a script)
 
-from vllm_ernie45.child_run import ChildFailed, close_llm, judge_child, write_result
+from vllm_ernie45.child_run import close_llm, write_result
 
 SHAPES = {"bs1": (1, 128, 256), "bs32": (32, 512, 256)}
 PHASES = ("random", "agree")
@@ -155,30 +154,19 @@ def summary(results: dict[str, dict], scenarios: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__.splitlines()[0], "bs1,bs32", "out/mtp.json")
     parser.add_argument("--runs", default="plain,plugin:1,intree:1")
-    args = parser.parse_args(argv)
-    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args = parse_bench_args(parser, argv)
     if args.child:
         return child(args)
-
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     runs = [r for r in args.runs.split(",") if r]
     for run in runs:
         draft, _ = parse_run(run)
         part = out.with_name(f"{out.stem}.{run.replace(':', '-k')}.json")
-        cmd = [sys.executable, __file__, "--child", run, "--config", args.config, "--out", str(part),
-               "--scenarios", ",".join(args.scenarios), "--dtype", args.dtype,
-               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--repeats", str(args.repeats)]
+        cmd = child_command(__file__, run, args, part)
         env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
                "VLLM_ERNIE45_MTP_DRAFT": "intree" if draft == "intree" else "plugin"}
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env)
-        print(f"[{run}] process finished rc={proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
-        try:
-            results[run] = judge_child(proc.returncode, part)
-        except ChildFailed as err:
-            print(f"[{run}] FAILED: {err}", flush=True)
+        run_child(run, cmd, env, part, results)
         out.write_text(json.dumps({"config": args.config, "dtype": args.dtype, "results": results}, indent=1))
     report = {"config": args.config, "dtype": args.dtype, "results": results,
               "summary": summary(results, args.scenarios)}

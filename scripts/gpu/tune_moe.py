@@ -8,6 +8,10 @@ tables under one plain file name), ``tune_log.txt`` and ``tune_summary.json``.
 Shapes: ``66:8`` is the plugin's GPU default (64 routed experts, top-6, plus the 2 shared
 experts fused in as always-selected experts); ``64:6`` is the unfused layout (expert
 parallelism, EPLB, ``VLLM_ERNIE45_FUSE_SHARED_EXPERTS=0``) and the in-tree model's.
+Per-rank shapes: ``66:8:768:2560`` is the 21B-A3B under TP=2 (N halved). A fifth field is the
+expert-parallel size: ``64:6:1536:2560:2`` tunes rank 0 of EP=2 (the table is ``E=32``), with
+tokens routed over all 64 experts and the other rank's pairs masked through an ``expert_map``
+exactly as vLLM's EP layer runs them, so about half of each token's experts are not local.
 
 For each token count the config that runs today (a shipped table's entry or vLLM's
 default) is a candidate beside the search space, so a written entry is never slower than
@@ -17,6 +21,7 @@ experts for the next), median of ``--reps`` replays; the five fastest are re-tim
 one is picked. Kernels are compiled first by a pool of processes into Triton's disk cache.
 
     python scripts/gpu/tune_moe.py --shapes 66:8,64:6 --out out/tuned
+    python scripts/gpu/tune_moe.py --shapes 66:8:768:2560,64:6:1536:2560:2 --out out/tp2-ep2
 """
 
 from __future__ import annotations
@@ -62,14 +67,34 @@ def fused_shared_slots(num_experts: int) -> int:
     return 2 if num_experts == 66 else 0
 
 
-class Problem:
-    """``layers`` weight sets of one layer shape and a batch of routed tokens."""
+def local_expert_map(global_experts: int, ep: int, device="cuda") -> torch.Tensor | None:
+    """Rank 0's global -> local expert ids under EP=``ep`` (vLLM's linear placement; -1 = on
+    another rank), or None without expert parallelism."""
+    if ep <= 1:
+        return None
+    if global_experts % ep:
+        raise ValueError(f"{global_experts} experts do not split over EP={ep}")
+    local = global_experts // ep
+    expert_map = torch.full((global_experts,), -1, dtype=torch.int32, device=device)
+    expert_map[:local] = torch.arange(local, dtype=torch.int32, device=device)
+    return expert_map
 
-    def __init__(self, E: int, top_k: int, H: int, N: int, tokens: int, layers: int, dtype, seed: int = 0):
+
+class Problem:
+    """``layers`` weight sets of one (per-rank) layer shape and a batch of routed tokens.
+
+    ``E`` is the global expert count; under ``ep`` > 1 the weights hold rank 0's ``E / ep``
+    experts and ``expert_map`` masks the pairs routed to the other ranks."""
+
+    def __init__(
+        self, E: int, top_k: int, H: int, N: int, tokens: int, layers: int, dtype, seed: int = 0, ep: int = 1
+    ):
         gen = torch.Generator(device="cuda").manual_seed(seed)
-        self.w13 = [(torch.randn(E, 2 * N, H, device="cuda", generator=gen, dtype=dtype) / H**0.5) for _ in range(layers)]
-        self.w2 = [(torch.randn(E, H, N, device="cuda", generator=gen, dtype=dtype) / N**0.5) for _ in range(layers)]
-        self.E, self.top_k, self.H, self.N, self.dtype = E, top_k, H, N, dtype
+        self.expert_map = local_expert_map(E, ep)
+        local = E // ep
+        self.w13 = [(torch.randn(local, 2 * N, H, device="cuda", generator=gen, dtype=dtype) / H**0.5) for _ in range(layers)]
+        self.w2 = [(torch.randn(local, H, N, device="cuda", generator=gen, dtype=dtype) / N**0.5) for _ in range(layers)]
+        self.E, self.top_k, self.H, self.N, self.dtype, self.ep = E, top_k, H, N, dtype, ep
         self.resize(tokens, seed)
 
     def resize(self, tokens: int, seed: int = 1) -> None:
@@ -143,18 +168,19 @@ def graph_time_us(fn_per_layer, layers: int, reps: int) -> float:
 def run_fused(p: Problem, layer: int, config: dict | None):
     from vllm.model_executor.layers.fused_moe import fused_experts, override_config
 
+    kwargs = {} if p.expert_map is None else dict(global_num_experts=p.E, expert_map=p.expert_map)
     if config is None:
-        return fused_experts(p.x, p.w13[layer], p.w2[layer], p.weights, p.ids)
+        return fused_experts(p.x, p.w13[layer], p.w2[layer], p.weights, p.ids, **kwargs)
     with override_config(config):
-        return fused_experts(p.x, p.w13[layer], p.w2[layer], p.weights, p.ids)
+        return fused_experts(p.x, p.w13[layer], p.w2[layer], p.weights, p.ids, **kwargs)
 
 
 def _warm_worker(job: tuple) -> int:
     """Compile (into Triton's disk cache) every config of one job; runs in a pool process."""
     shape, configs = job
     torch.cuda.set_device(0)
-    E, top_k, H, N, tokens = shape
-    p = Problem(E, top_k, H, N, tokens, layers=1, dtype=torch.bfloat16)
+    E, top_k, H, N, tokens, ep = shape
+    p = Problem(E, top_k, H, N, tokens, layers=1, dtype=torch.bfloat16, ep=ep)
     done = 0
     for tokens, cfg in configs:
         if tokens != p.tokens:
@@ -191,7 +217,7 @@ def tune_triton(p: Problem, tokens_list: list[int], layers: int, reps: int, proc
         {(representative(t), json.dumps(c, sort_keys=True)) for t in tokens_list for c in triton_space(t)}
     )
     t0 = time.time()
-    warm((p.E, p.top_k, p.H, p.N, 64), [(t, json.loads(c)) for t, c in jobs], procs)
+    warm((p.E, p.top_k, p.H, p.N, 64, p.ep), [(t, json.loads(c)) for t, c in jobs], procs)
     log(f"  compiled {len(jobs)} fused-MoE (size, config) pairs in {time.time() - t0:.0f} s")
     from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
 
@@ -222,9 +248,11 @@ def tune_triton(p: Problem, tokens_list: list[int], layers: int, reps: int, proc
     return best, times
 
 
-def weight_bytes(top_k: int, H: int, N: int, tokens: int, E: int) -> float:
+def weight_bytes(top_k: int, H: int, N: int, tokens: int, E: int, ep: int = 1) -> float:
+    """Expert weight bytes one call streams (upper bound on distinct experts; under EP the
+    expected number of rank 0's)."""
     shared = fused_shared_slots(E)
-    experts_touched = min(E, tokens * (top_k - shared) + shared)  # upper bound on distinct experts
+    experts_touched = min(E, tokens * (top_k - shared) + shared) / ep
     return experts_touched * 3 * H * N * 2
 
 
@@ -233,8 +261,9 @@ def main() -> None:
     ap.add_argument(
         "--shapes",
         default="66:8,64:6",
-        help="E:top_k[:N[:H]] per shape (E=66: 2 fused shared experts); N and H default to "
-        "--inter and --hidden. Per-rank shapes: TP=t divides N by t, EP=e divides E by e.",
+        help="E:top_k[:N[:H[:EP]]] per shape (E=66: 2 fused shared experts); N and H default to "
+        "--inter and --hidden. Per-rank shapes: TP=t divides N by t; EP=e is the fifth field "
+        "(E stays the global count, the table is E/e).",
     )
     ap.add_argument("--hidden", type=int, default=2560)
     ap.add_argument("--inter", type=int, default=1536)
@@ -272,16 +301,19 @@ def main() -> None:
         E, top_k = parts[:2]
         N = parts[2] if len(parts) > 2 else args.inter
         H = parts[3] if len(parts) > 3 else args.hidden
-        log(f"E={E} top_k={top_k} H={H} N={N}")
-        p = Problem(E, top_k, H, N, 1, args.layers, torch.bfloat16)
+        ep = parts[4] if len(parts) > 4 else 1
+        log(f"E={E} top_k={top_k} H={H} N={N}" + (f" EP={ep}: rank 0's {E // ep} experts" if ep > 1 else ""))
+        started = time.time()
+        p = Problem(E, top_k, H, N, 1, args.layers, torch.bfloat16, ep=ep)
         tuned, fused = tune_triton(
             p, [int(t) for t in args.triton_tokens.split(",")], args.layers, args.reps, args.procs, log
         )
-        name = get_config_file_name(E, N, None)
+        log(f"  shape tuned in {time.time() - started:.0f} s")
+        name = get_config_file_name(E // ep, N, None)
         tables[name] = {"triton_version": triton.__version__, **{str(k): v for k, v in tuned.items()}}
         entry = {"fused": {str(k): v for k, v in fused.items()}}
         for t, v in fused.items():
-            gb = weight_bytes(top_k, H, N, t, E) / 1e9
+            gb = weight_bytes(top_k, H, N, t, E, ep) / 1e9
             v["weights_gb_per_s"] = round(gb / v["tuned_us"] * 1e6, 1)
         summary["shapes"][shape] = entry
         for name, table in tables.items():
