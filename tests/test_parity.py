@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_ernie45.testing.parity import compare, default_prompts, run_hf
+from vllm_ernie45.testing.parity import Comparison, compare, default_prompts, run_hf
 from vllm_ernie45.testing.tiny.checkpoint import VARIANTS
 
 from conftest import run_vllm_greedy
@@ -23,6 +23,17 @@ PLUGIN_CLASS = {
 }
 
 
+def assert_matches_hf(model, got: dict) -> Comparison:
+    """HF scores the token ids vLLM produced; greedy tokens equal and every reported logprob
+    (decode and prompt) within ``LOGPROB_TOL``. Returns the comparison for further checks."""
+    ref = run_hf(str(model), default_prompts(1024), 8, 5, "float32", track=got)
+    result = compare(got, ref)
+    assert result.tokens_equal, result.summary()
+    assert result.max_logprob_diff < LOGPROB_TOL, result.summary()
+    assert result.max_prompt_logprob_diff < LOGPROB_TOL, result.summary()
+    return result
+
+
 @pytest.mark.parametrize(
     "variant",
     [pytest.param(v, marks=pytest.mark.version_smoke) if v in SMOKE_VARIANTS else v for v in VARIANTS],
@@ -33,13 +44,9 @@ def test_greedy_tokens_and_logprobs_match_hf(variant, tiny_checkpoint, tmp_path)
     assert got["model_class"] == PLUGIN_CLASS.get(variant, "vllm_ernie45.model.ErnieMoeForCausalLM")
     assert got["fused_shared"] is False  # CPU default: shared experts as their own MLP
 
-    ref = run_hf(str(model), default_prompts(1024), 8, 5, "float32", track=got)
-    result = compare(got, ref)
+    result = assert_matches_hf(model, got)
     print(variant, result.summary())
-    assert result.tokens_equal, result.summary()
     assert result.compared > 300
-    assert result.max_logprob_diff < LOGPROB_TOL, result.summary()
-    assert result.max_prompt_logprob_diff < LOGPROB_TOL, result.summary()
     # The tiny models are not degenerate: greedy continuations differ across prompts.
     assert len({tuple(o["tokens"]) for o in got["outputs"]}) == len(got["outputs"])
 
@@ -54,11 +61,7 @@ def test_fused_shared_experts_match_hf(variant, tiny_checkpoint, tmp_path):
         env={"VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "1"},
     )
     assert got["fused_shared"] is True
-    ref = run_hf(str(model), default_prompts(1024), 8, 5, "float32", track=got)
-    result = compare(got, ref)
-    assert result.tokens_equal, result.summary()
-    assert result.max_logprob_diff < LOGPROB_TOL, result.summary()
-    assert result.max_prompt_logprob_diff < LOGPROB_TOL, result.summary()
+    assert_matches_hf(model, got)
 
 
 def test_pipeline_parallel_2_matches_hf(tiny_checkpoint, tmp_path):
@@ -76,9 +79,4 @@ def test_pipeline_parallel_2_matches_hf(tiny_checkpoint, tmp_path):
         # vLLM's CPU workers bind their OpenMP threads per NUMA node; one node here.
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     )
-    ref = run_hf(str(model), default_prompts(1024), 8, 5, "float32", track=got)
-    result = compare(got, ref)
-    assert result.tokens_equal, result.summary()
-    assert result.compared > 300
-    assert result.max_logprob_diff < LOGPROB_TOL, result.summary()
-    assert result.max_prompt_logprob_diff < LOGPROB_TOL, result.summary()
+    assert assert_matches_hf(model, got).compared > 300
