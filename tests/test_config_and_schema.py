@@ -120,3 +120,41 @@ def test_schema_targets_cover_each_param_family():
     assert tensors["lm_head.weight"].if_absent == OPTIONAL and tensors["lm_head.weight"].target is None  # tied
     assert "model.layers.0.mlp.gate.weight" not in tensors  # layer 0 is dense
     assert len(tensors) == 3 + 27 * (2 + 4 + 2 + 3 + 64 * 3) + (2 + 4 + 3)
+
+
+def _load_reduced_depth():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gpu" / "reduced_depth.py"
+    spec = importlib.util.spec_from_file_location("reduced_depth", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path.parents[1] / "configs"
+
+
+def test_shipped_300b_config_has_the_published_widths():
+    """scripts/configs' 300B-A47B config gives the tensor shapes of the published checkpoint:
+    qkv 8192 x (8192 + 2 x 1024), experts 3584 wide, 3 dense layers then 51 MoE layers."""
+    _, configs = _load_reduced_depth()
+    arch = arch_from_config(json.loads((configs / "ernie-4.5-300b-a47b-pt.config.json").read_text()))
+    assert (arch.hidden_size, arch.q_size, arch.kv_size, arch.head_dim) == (8192, 8192, 1024, 128)
+    assert (arch.num_experts, arch.top_k, arch.moe_intermediate_size, arch.num_shared_experts) == (64, 8, 3584, 0)
+    assert arch.moe_layer_indices == list(range(3, 54)) and arch.intermediate_size == 28672
+
+
+def test_reduced_depth_keeps_widths_and_dense_first_layers(tmp_path):
+    reduced_depth, configs = _load_reduced_depth()
+    full = json.loads((configs / "ernie-4.5-300b-a47b-pt.config.json").read_text())
+    out = reduced_depth.write_model_dir(configs / "ernie-4.5-300b-a47b-pt.config.json", 8, tmp_path / "m")
+    cut = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in cut.items() if k not in ("num_hidden_layers", "moe_layer_end_index")} == {
+        k: v for k, v in full.items() if k not in ("num_hidden_layers", "moe_layer_end_index")}
+    arch = arch_from_config(cut)
+    assert arch.num_layers == 8 and arch.moe_layer_indices == [3, 4, 5, 6, 7]
+    assert (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    # The 21B config has no moe_layer_end_index: none is added.
+    hub = reduced_depth.reduced_config(HUB_21B, 2)
+    assert "moe_layer_end_index" not in hub and arch_from_config(hub).moe_layer_indices == [1]
+    with pytest.raises(ValueError, match="keeps no MoE layer"):
+        reduced_depth.reduced_config(full, 3)

@@ -21,10 +21,15 @@ FIELDS = {"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_w
 HOPPER_SMEM = 227 * 1024
 
 
-def _smem_bytes(config: dict) -> int:
-    """Shared memory the fused-MoE kernel's pipelined A and B tiles take (bf16)."""
-    tile = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * 2
+def _smem_bytes(config: dict, element_bytes: int = 2) -> int:
+    """Shared memory the fused-MoE kernel's pipelined A and B tiles take (bf16: 2 bytes an
+    element, FP8: 1)."""
+    tile = (config["BLOCK_SIZE_M"] + config["BLOCK_SIZE_N"]) * config["BLOCK_SIZE_K"] * element_bytes
     return tile * config["num_stages"]
+
+
+def _element_bytes(table_name: str) -> int:
+    return 1 if ",dtype=fp8_w8a8" in table_name else 2
 
 
 def _load_tuner():
@@ -65,7 +70,7 @@ def test_table_is_for_a_per_rank_shape_of_ernie(path):
 
 @pytest.mark.parametrize("path", TABLES, ids=lambda p: p.name)
 def test_table_is_valid_vllm_format(path):
-    assert re.fullmatch(r"E=\d+,N=\d+,device_name=[A-Za-z0-9_]+\.json", path.name)
+    assert re.fullmatch(r"E=\d+,N=\d+,device_name=[A-Za-z0-9_]+(,dtype=fp8_w8a8)?\.json", path.name)
     table = json.loads(path.read_text())
     table.pop("triton_version", None)
     sizes = [int(k) for k in table]  # vLLM does int(key) for every remaining key
@@ -74,7 +79,7 @@ def test_table_is_valid_vllm_format(path):
         assert set(config) == FIELDS, (size, config)
         for key in ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"):
             assert config[key] >= 16 and config[key] & (config[key] - 1) == 0, (size, config)
-        assert _smem_bytes(config) <= HOPPER_SMEM, (size, config)
+        assert _smem_bytes(config, _element_bytes(path.name)) <= HOPPER_SMEM, (size, config)
         assert config["num_warps"] in (4, 8)
 
 
@@ -103,6 +108,21 @@ def test_tuner_search_space_fits_hopper_and_token_sizes():
     # Weight bytes a call must stream: 8 experts of 3 x 2560 x 1536 bf16 at one token.
     assert tuner.weight_bytes(8, 2560, 1536, 1, 66) == 8 * 3 * 2560 * 1536 * 2
     assert tuner.weight_bytes(8, 2560, 1536, 1000, 66) == 66 * 3 * 2560 * 1536 * 2
+    assert tuner.weight_bytes(8, 2560, 1536, 1, 66, dtype="fp8_w8a8") == 8 * 3 * 2560 * 1536
+
+
+def test_tuner_fp8_space_uses_one_byte_tiles():
+    """FP8 tiles take half the shared memory, so the FP8 search may use K=256 where bf16 may
+    not -- and still fits Hopper at one byte an element."""
+    tuner = _load_tuner()
+    for tokens in tuner.TRITON_TOKENS:
+        bf16, fp8 = tuner.triton_space(tokens), tuner.triton_space(tokens, "fp8_w8a8")
+        assert len(fp8) >= len(bf16)
+        for config in fp8:
+            assert _smem_bytes(config, 1) <= HOPPER_SMEM
+    big = tuner.triton_space(4096, "fp8_w8a8")
+    assert any(c["BLOCK_SIZE_K"] == 256 for c in big)
+    assert not any(c["BLOCK_SIZE_K"] == 256 for c in tuner.triton_space(4096))
 
 
 def test_tuner_expert_parallel_map_masks_other_ranks():

@@ -208,7 +208,7 @@ def test_load_short(server, tmp_path):
         [sys.executable, str(REPO / "scripts" / "serving" / "serve_load.py"), "--url", server["url"],
          "--model", server["model"], "--requests", "16", "--cancel-frac", "0.25",
          "--max-model-len", str(MAX_MODEL_LEN), "--request-timeout", "90", "--deadline", "150",
-         "--out", str(out)],
+         "--throughput", "4:24:6", "--out", str(out)],
         capture_output=True, text=True, timeout=200, env=dict(os.environ))
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rep = json.loads(out.read_text())
@@ -219,7 +219,18 @@ def test_load_short(server, tmp_path):
     assert s["tokens_per_s"] > 0 and s["ttft_s"]["p50"] is not None
     assert all(b["ok"] for b in rep["bad_input"]) and rep["bad_input"]
     assert rep["after"]["ok"]
+    # --throughput: 4 completions of 24 prompt token ids, exactly 6 generated tokens each.
+    t = rep["throughput"]
+    assert t["ok"] and t["completed"] == 4 and t["output_tokens"] == 24
+    assert t["output_tok_s"] > 0 and t["total_tok_s"] > t["output_tok_s"]
     assert server["proc"].poll() is None
+
+
+def test_load_throughput_spec_is_checked():
+    assert serve_load.parse_throughput("8:512:256") == (8, 512, 256)
+    for bad in ("8:512", "8:x:2", "0:4:4"):
+        with pytest.raises(ValueError, match="--throughput"):
+            serve_load.parse_throughput(bad)
 
 
 # --------------------------------------------------------------------------- (c) bad input

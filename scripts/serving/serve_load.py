@@ -19,6 +19,11 @@ tools, reasoning on/off through ``chat_template_kwargs``, mixed prompt lengths a
   OpenAI-style ``{"error": {"message": ...}}`` body;
 * the server is healthy afterwards (``/health`` and one more request).
 
+``--throughput N:IN:OUT`` then times N concurrent completions of IN random prompt token ids
+and exactly OUT output tokens each (``ignore_eos``) and reports output and total tokens/s.
+``--engine-args`` replaces the CPU defaults of the started server (e.g. on a GPU:
+``"--load-format dummy --tensor-parallel-size 2 --gpu-memory-utilization 0.9"``).
+
 Everything is bounded: a fixed number of requests, per-request timeouts and a global
 ``--deadline``. Writes a JSON report (``--out``) and exits 1 if a check failed.
 """
@@ -30,6 +35,7 @@ import asyncio
 import json
 import os
 import random
+import shlex
 import signal
 import socket
 import subprocess
@@ -78,13 +84,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CPU_ENGINE_ARGS = "--gpu-memory-utilization 0.3 --enforce-eager"
+
+
 def start_server(ckpt: Path, port: int, max_model_len: int, log_path: Path,
-                 served_name: str = "tiny-ernie") -> subprocess.Popen:
+                 served_name: str = "tiny-ernie", engine_args: str = CPU_ENGINE_ARGS) -> subprocess.Popen:
     """Start ``vllm serve`` on 127.0.0.1:port in its own process group, output to log_path."""
     cmd = [
         "vllm", "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", served_name,
-        "--gpu-memory-utilization", "0.3", "--enforce-eager",
+        *shlex.split(engine_args),
         "--max-model-len", str(max_model_len),
         "--enable-auto-tool-choice", "--tool-call-parser", "ernie45",
         "--reasoning-parser", "ernie45",
@@ -373,6 +382,52 @@ def summarize(results: list[dict], wall: float) -> dict:
     }
 
 
+def parse_throughput(spec: str) -> tuple[int, int, int]:
+    """``N:IN:OUT`` -> (requests, prompt tokens, output tokens)."""
+    try:
+        n, prompt_len, out_len = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--throughput wants N:IN:OUT (three integers), got {spec!r}") from None
+    if min(n, prompt_len, out_len) < 1:
+        raise ValueError(f"--throughput {spec!r}: every field must be >= 1")
+    return n, prompt_len, out_len
+
+
+async def run_throughput(url: str, model: str, spec: str, seed: int, timeout: float,
+                         token_ids: tuple[int, int] = (300, 1000)) -> dict:
+    """N concurrent completions of IN random token ids (drawn from ``token_ids``, ordinary
+    tokens of the tiny tokenizer) and exactly OUT generated tokens each."""
+    n, prompt_len, out_len = parse_throughput(spec)
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(*token_ids) for _ in range(prompt_len)] for _ in range(n)]
+    out = {"requests": n, "prompt_tokens_each": prompt_len, "output_tokens_each": out_len, "problems": []}
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", timeout=timeout, max_retries=0)
+
+    async def one(prompt: list[int]) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        r = await client.completions.create(model=model, prompt=prompt, max_tokens=out_len, temperature=0.0,
+                                            extra_body={"ignore_eos": True, "min_tokens": out_len})
+        return time.perf_counter() - t0, r.usage.completion_tokens
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in prompts), return_exceptions=True)
+    wall = time.perf_counter() - t0
+    await client.close()
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    for r in results:
+        if isinstance(r, BaseException):
+            out["problems"].append(f"{type(r).__name__}: {str(r)[:200]}")
+    generated = sum(tokens for _, tokens in ok)
+    if generated != len(ok) * out_len:
+        out["problems"].append(f"generated {generated} tokens, expected {len(ok)} x {out_len}")
+    out.update(completed=len(ok), wall_s=round(wall, 3), output_tokens=generated,
+               output_tok_s=round(generated / wall, 1),
+               total_tok_s=round((generated + len(ok) * prompt_len) / wall, 1),
+               latency_s=percentiles([lat for lat, _ in ok]))
+    out["ok"] = not out["problems"]
+    return out
+
+
 async def amain(args, url: str, model: str) -> dict:
     plan = make_plan(args.requests, args.cancel_frac, args.seed)
     results, wall = await run_load(url, model, plan, args.request_timeout)
@@ -381,9 +436,12 @@ async def amain(args, url: str, model: str) -> dict:
         "max_model_len": args.max_model_len}}
     report["summary"] = summarize(results, wall)
     report["bad_input"] = [] if args.skip_bad_input else await run_bad_input(url, model, args.max_model_len)
+    if args.throughput:
+        report["throughput"] = await run_throughput(url, model, args.throughput, args.seed, args.request_timeout)
     report["after"] = await check_healthy(url, model)
     report["results"] = results
     problems = [f"request {r['id']}: {p}" for r in results for p in r["problems"]]
+    problems += [f"throughput: {p}" for p in report.get("throughput", {}).get("problems", [])]
     problems += [f"bad input {b['case']}: {p}" for b in report["bad_input"] for p in b["problems"]]
     problems += [f"after: {p}" for p in report["after"]["problems"]]
     report["problems"] = problems
@@ -405,9 +463,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--startup-timeout", type=float, default=300.0)
     ap.add_argument("--deadline", type=float, default=900.0, help="hard limit for the whole run (s)")
     ap.add_argument("--skip-bad-input", action="store_true")
+    ap.add_argument("--throughput", metavar="N:IN:OUT",
+                    help="also time N concurrent completions of IN prompt / OUT output tokens")
+    ap.add_argument("--engine-args", default=CPU_ENGINE_ARGS,
+                    help=f"engine flags of the started server (default: {CPU_ENGINE_ARGS!r})")
     ap.add_argument("--server-log", help="log file of the started server")
     ap.add_argument("--out", help="JSON report path")
     args = ap.parse_args(argv)
+    if args.throughput:
+        try:
+            parse_throughput(args.throughput)
+        except ValueError as e:
+            ap.error(str(e))
 
     proc = None
     tmp = None
@@ -428,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             url = f"http://127.0.0.1:{port}"
             log = Path(args.server_log or Path(tmp.name) / "server.log")
             print(f"starting vllm serve on {url} (log: {log})", file=sys.stderr)
-            proc = start_server(ckpt, port, args.max_model_len, log)
+            proc = start_server(ckpt, port, args.max_model_len, log, engine_args=args.engine_args)
             wait_healthy(url, args.startup_timeout, proc)
         startup = time.perf_counter() - t_start
         model = args.model or httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
@@ -448,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         if tmp is not None and not args.server_log:
             tmp.cleanup()
     s = report.get("summary", {})
-    print(json.dumps({k: report.get(k) for k in ("ok", "server_startup_s")} | {"summary": s,
+    print(json.dumps({k: report.get(k) for k in ("ok", "server_startup_s", "throughput")} | {"summary": s,
                      "bad_input": [(b["case"], b.get("status_code"), b["ok"]) for b in report.get("bad_input", [])],
                      "problems": report["problems"][:20]}, indent=1))
     if args.out:
