@@ -249,7 +249,11 @@ def warm(shape: tuple, configs: list[tuple[int, dict]], procs: int) -> None:
 # ----------------------------------------------------------------------------- tuning
 
 
-def tune_triton(p: Problem, tokens_list: list[int], layers: int, reps: int, procs: int, log) -> tuple[dict, dict]:
+def tune_triton(
+    p: Problem, tokens_list: list[int], layers: int, reps: int, procs: int, log, on_size=None
+) -> tuple[dict, dict]:
+    """Best config per token count, and its times; ``on_size(best)`` after each count, so a
+    run cut short (a call's time limit) keeps the sizes it finished."""
     best: dict[int, dict] = {}
     times: dict[int, dict] = {}
     # Triton specialises kernels on argument values (1, multiples of 16) and on the
@@ -289,6 +293,8 @@ def tune_triton(p: Problem, tokens_list: list[int], layers: int, reps: int, proc
         best[tokens] = best_cfg
         times[tokens] = {"current_us": default_us, "tuned_us": best_us}
         log(f"  M={tokens:5d}  current {default_us:9.1f} us  tuned {best_us:9.1f} us  {best_cfg}")
+        if on_size is not None:
+            on_size(best)
     return best, times
 
 
@@ -351,21 +357,25 @@ def main() -> None:
         log(f"E={E} top_k={top_k} H={H} N={N}" + (f" EP={ep}: rank 0's {E // ep} experts" if ep > 1 else ""))
         started = time.time()
         p = Problem(E, top_k, H, N, 1, args.layers, args.dtype, ep=ep)
+        name = get_config_file_name(E // ep, N, p.table_dtype)
+
+        def save(tuned: dict, name: str = name) -> None:
+            # One file with a plain name holding every table (names with '=' and ',' may not
+            # travel); rewritten after every size, a partial table included.
+            tables[name] = {"triton_version": triton.__version__, **{str(k): v for k, v in tuned.items()}}
+            (out_dir / "tables.json").write_text(json.dumps(tables, indent=2) + "\n")
+
         tuned, fused = tune_triton(
-            p, [int(t) for t in args.triton_tokens.split(",")], args.layers, args.reps, args.procs, log
+            p, [int(t) for t in args.triton_tokens.split(",")], args.layers, args.reps, args.procs, log, save
         )
         log(f"  shape tuned in {time.time() - started:.0f} s")
-        name = get_config_file_name(E // ep, N, p.table_dtype)
-        tables[name] = {"triton_version": triton.__version__, **{str(k): v for k, v in tuned.items()}}
         entry = {"fused": {str(k): v for k, v in fused.items()}}
         for t, v in fused.items():
             gb = weight_bytes(top_k, H, N, t, E, ep, args.dtype) / 1e9
             v["weights_gb_per_s"] = round(gb / v["tuned_us"] * 1e6, 1)
         summary["shapes"][shape] = entry
-        for name, table in tables.items():
-            (out_dir / name).write_text(json.dumps(table, indent=2) + "\n")
-        # One file with a plain name holding every table (names with '=' and ',' may not travel).
-        (out_dir / "tables.json").write_text(json.dumps(tables, indent=2) + "\n")
+        for table_name, table in tables.items():
+            (out_dir / table_name).write_text(json.dumps(table, indent=2) + "\n")
         del p
         torch.cuda.empty_cache()
     (out_dir / "tune_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

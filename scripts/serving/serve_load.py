@@ -88,10 +88,13 @@ CPU_ENGINE_ARGS = "--gpu-memory-utilization 0.3 --enforce-eager"
 
 
 def start_server(ckpt: Path, port: int, max_model_len: int, log_path: Path,
-                 served_name: str = "tiny-ernie", engine_args: str = CPU_ENGINE_ARGS) -> subprocess.Popen:
-    """Start ``vllm serve`` on 127.0.0.1:port in its own process group, output to log_path."""
+                 served_name: str = "tiny-ernie", engine_args: str = CPU_ENGINE_ARGS,
+                 vllm_command: str = "vllm") -> subprocess.Popen:
+    """Start ``vllm serve`` on 127.0.0.1:port in its own process group, output to log_path.
+    ``vllm_command`` is how to run vLLM's CLI (e.g. ``python3 -m vllm.entrypoints.cli.main``
+    where no ``vllm`` console script is installed)."""
     cmd = [
-        "vllm", "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
+        *shlex.split(vllm_command), "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", served_name,
         *shlex.split(engine_args),
         "--max-model-len", str(max_model_len),
@@ -465,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-bad-input", action="store_true")
     ap.add_argument("--throughput", metavar="N:IN:OUT",
                     help="also time N concurrent completions of IN prompt / OUT output tokens")
+    ap.add_argument("--vllm-command", default="vllm",
+                    help="how to run vLLM's CLI (default: the vllm console script)")
     ap.add_argument("--engine-args", default=CPU_ENGINE_ARGS,
                     help=f"engine flags of the started server (default: {CPU_ENGINE_ARGS!r})")
     ap.add_argument("--server-log", help="log file of the started server")
@@ -495,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             url = f"http://127.0.0.1:{port}"
             log = Path(args.server_log or Path(tmp.name) / "server.log")
             print(f"starting vllm serve on {url} (log: {log})", file=sys.stderr)
-            proc = start_server(ckpt, port, args.max_model_len, log, engine_args=args.engine_args)
+            proc = start_server(ckpt, port, args.max_model_len, log, engine_args=args.engine_args,
+                                vllm_command=args.vllm_command)
             wait_healthy(url, args.startup_timeout, proc)
         startup = time.perf_counter() - t_start
         model = args.model or httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
