@@ -56,10 +56,12 @@ def test_tables_for_h100_and_h200_are_shipped():
     assert "E=66,N=1536,device_name=NVIDIA_H200.json" in names
     assert "E=64,N=1536,device_name=NVIDIA_H200.json" in names
     # Per-rank shapes of the multi-GPU layouts (issue 12): TP=2/4/8 and EP=2/4/8 of the 21B,
-    # TP=8 and EP=8 of the 300B, on both GPUs.
+    # TP=2/4/8 and EP=2/8 of the 300B, on both GPUs; EP=4 of the 300B on the H200.
     for gpu in ("NVIDIA_H100_80GB_HBM3", "NVIDIA_H200"):
-        for e, n in [(66, 768), (66, 384), (66, 192), (32, 1536), (16, 1536), (8, 1536), (64, 448), (8, 3584)]:
+        for e, n in [(66, 768), (66, 384), (66, 192), (32, 1536), (16, 1536), (8, 1536),
+                     (64, 1792), (64, 896), (64, 448), (32, 3584), (8, 3584)]:
             assert f"E={e},N={n},device_name={gpu}.json" in names, (e, n, gpu)
+    assert "E=16,N=3584,device_name=NVIDIA_H200.json" in names
 
 
 @pytest.mark.parametrize("path", TABLES, ids=lambda p: p.name)
@@ -137,3 +139,26 @@ def test_tuner_expert_parallel_map_masks_other_ranks():
         tuner.local_expert_map(64, 3, device="cpu")
     # At one token, rank 0 of EP=2 streams on average half of the 6 routed experts' weights.
     assert tuner.weight_bytes(6, 2560, 1536, 1, 64, ep=2) == 3 * 3 * 2560 * 1536 * 2
+
+
+def test_tuner_fp8_weights_and_quant_config_match_online_fp8():
+    """``--dtype fp8_w8a8`` times what ``--quantization fp8`` runs: FP8 weights with one scale per
+    expert, activations quantized per tensor inside the call (no activation scale given), and
+    the table vLLM then looks up is the ``fp8_w8a8`` one."""
+    import torch
+
+    tuner = _load_tuner()
+    gen = torch.Generator().manual_seed(0)
+    w, scale = tuner.expert_weights(4, 32, 64, gen, "fp8_w8a8", device="cpu")
+    assert w.dtype == torch.float8_e4m3fn and scale.shape == (4,) and scale.dtype == torch.float32
+    assert w.float().abs().amax().item() <= torch.finfo(torch.float8_e4m3fn).max
+    gen = torch.Generator().manual_seed(0)
+    ref, none = tuner.expert_weights(4, 32, 64, gen, "bf16", device="cpu")
+    assert none is None and ref.dtype == torch.bfloat16
+    # Dequantized FP8 is the bf16 weight up to FP8 rounding (3 mantissa bits: <= 1/16 relative).
+    err = (w.float() * scale[:, None, None] - ref.float()).abs()
+    assert (err <= ref.float().abs() / 16 + scale[:, None, None] * 2**-9).all()
+    config = tuner.fp8_quant_config(scale, scale)
+    assert config.use_fp8_w8a8 and config.a1_scale is None and config.block_shape is None
+    assert not config.per_act_token_quant
+    assert config.config_name(torch.bfloat16) == "fp8_w8a8"

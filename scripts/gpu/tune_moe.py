@@ -90,10 +90,12 @@ def local_expert_map(global_experts: int, ep: int, device="cuda") -> torch.Tenso
     return expert_map
 
 
-def expert_weights(local: int, rows: int, cols: int, gen, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def expert_weights(
+    local: int, rows: int, cols: int, gen, dtype: str, device: str = "cuda"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One layer's ``local`` expert matrices of ``rows`` x ``cols``, and their scales: bf16 with
     none, or FP8 with one float32 scale per expert (the per-tensor scheme of online FP8)."""
-    w = torch.randn(local, rows, cols, device="cuda", generator=gen, dtype=torch.bfloat16) / cols**0.5
+    w = torch.randn(local, rows, cols, device=device, generator=gen, dtype=torch.bfloat16) / cols**0.5
     if dtype == "bf16":
         return w, None
     scale = w.abs().amax(dim=(1, 2)).float() / torch.finfo(torch.float8_e4m3fn).max
