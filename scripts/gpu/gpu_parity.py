@@ -9,7 +9,10 @@ exact token ids vLLM produced, so logprob differences compare like with like.
 
     python scripts/gpu/gpu_parity.py --out out/gpu_parity.json            # plugin, reference router, in-tree
     python scripts/gpu/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-fp8 --out out/fp8.json
-    python scripts/gpu/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-tp2,mid-bf16:plugin-tp2-ep,mid-bf16:plugin-pp2,mid-bf16:plugin-tp2-ep-eplb --out out/layouts.json   # 2 GPUs
+    python scripts/gpu/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-tp2,mid-bf16:plugin-tp2-ep,mid-bf16:plugin-pp2,mid-bf16:plugin-tp2-ep-eplb,mid-bf16:plugin-dp2-ep --out out/layouts.json   # 2 GPUs
+
+``plugin-dp2-ep`` is vLLM's offline data-parallel launch: two engine processes (one GPU each)
+with the prompts split between them, merged back in order before the comparison.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vllm_ernie45.testing.parity import APPLY_MODEL_ENV, compare, run_in_child
+from vllm_ernie45.testing.parity import APPLY_MODEL_ENV, compare, run_data_parallel_in_children, run_in_child
 from vllm_ernie45.testing.tiny.checkpoint import make_tiny_checkpoint
 
 CHECKPOINTS = {
@@ -53,7 +56,10 @@ ENGINES = {
     "plugin-tp2-ep-eplb": ({}, {**EAGER, "tensor_parallel_size": 2, "enable_expert_parallel": True,
                                 "enable_eplb": True,
                                 "eplb_config": {"num_redundant_experts": 2, "window_size": 4, "step_interval": 4}}),
+    # DP=2 + EP: run by run_data_parallel_in_children with DATA_PARALLEL's size.
+    "plugin-dp2-ep": ({}, {**EAGER, "enable_expert_parallel": True}),
 }
+DATA_PARALLEL = {"plugin-dp2-ep": 2}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,8 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         for engine in engines:
             env, vllm_args = ENGINES[engine]
             out = work / f"{ck}.{engine}.json"
-            runs[engine] = run_in_child("vllm", model, out, {**APPLY_MODEL_ENV, **env}, dtype=dtype,
-                                        max_tokens=args.max_tokens, vllm_args=vllm_args)
+            if engine in DATA_PARALLEL:
+                runs[engine] = run_data_parallel_in_children(
+                    model, out, DATA_PARALLEL[engine], {**APPLY_MODEL_ENV, **env}, dtype=dtype,
+                    max_tokens=args.max_tokens, vllm_args=vllm_args)
+            else:
+                runs[engine] = run_in_child("vllm", model, out, {**APPLY_MODEL_ENV, **env}, dtype=dtype,
+                                            max_tokens=args.max_tokens, vllm_args=vllm_args)
             ref = work / f"{ck}.{engine}.hf.json"
             reference = run_in_child("hf", model, ref, dtype=dtype, device="cuda", max_tokens=args.max_tokens,
                                      track=out)

