@@ -52,11 +52,16 @@ def router_backend(is_cuda: bool) -> str:
     return value
 
 
-def fuse_shared_experts(is_cuda: bool) -> bool:
+def fuse_shared_experts(is_cuda: bool, expert_parallel: bool = False) -> bool:
+    """Whether to run shared experts inside the fused-MoE call (where the layout allows it).
+    ``auto``: on CUDA without expert parallelism; under EP only when asked (=1) -- the EP
+    layout has not been run end to end on two GPUs yet (docs/parallelism.md)."""
     value = os.environ.get("VLLM_ERNIE45_FUSE_SHARED_EXPERTS", "auto").strip().lower() or "auto"
     if value not in ("auto", "0", "1"):
         raise ValueError(f"VLLM_ERNIE45_FUSE_SHARED_EXPERTS={value!r}; choose auto, 0 or 1")
-    return is_cuda if value == "auto" else value == "1"
+    if value == "auto":
+        return is_cuda and not expert_parallel
+    return value == "1"
 
 
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:

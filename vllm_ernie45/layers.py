@@ -18,6 +18,7 @@ from vllm.distributed import (
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
 )
+from vllm.logger import init_logger
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -32,7 +33,10 @@ from vllm.platforms import current_platform
 
 from vllm_ernie45 import compat, envs
 from vllm_ernie45.config import ErnieArch
+from vllm_ernie45.expert_layout import FusedExpertLayout, unfusable_reason
 from vllm_ernie45.routing import make_routing_function
+
+logger = init_logger(__name__)
 
 
 class ErnieMLP(nn.Module):
@@ -156,9 +160,10 @@ class ErnieMoE(nn.Module):
     probabilities and weights them by the unbiased ones (``vllm_ernie45.routing``).
 
     Shared experts either run as their own MLP beside the fused-MoE call, or -- where
-    ``fused_shared`` -- inside it, as experts ``E .. E+S-1`` (one per
+    ``fused_layout`` is set -- inside it, as ``S`` pseudo-experts (one per
     ``moe_intermediate_size`` slice of the shared FFN, SwiGLU being separable along that
-    dimension) that every token selects with weight 1.
+    dimension) that every token selects with weight 1, in the slots ``fused_layout`` gives
+    them (under expert parallelism one slice per rank; ``vllm_ernie45.expert_layout``).
     """
 
     def __init__(
@@ -177,9 +182,12 @@ class ErnieMoE(nn.Module):
         vllm_config = get_current_vllm_config()
         parallel_config = vllm_config.parallel_config
         is_cuda = current_platform.is_cuda()
-        self.fused_shared = shared_experts_fusable(arch, parallel_config, enable_eplb) and (
-            envs.fuse_shared_experts(is_cuda)
+        expert_parallel = bool(getattr(parallel_config, "enable_expert_parallel", False))
+        ep_size = get_ep_group().world_size if expert_parallel else 1
+        self.fused_layout = fused_shared_layout(
+            arch, ep_size, enable_eplb, envs.fuse_shared_experts(is_cuda, expert_parallel)
         )
+        self.fused_shared = self.fused_layout is not None
         num_fused = arch.num_shared_experts if self.fused_shared else 0
 
         self.n_routed_experts = arch.num_experts
@@ -222,7 +230,7 @@ class ErnieMoE(nn.Module):
                 self.e_score_correction_bias,
                 arch.moe_norm_min,
                 backend=envs.router_backend(is_cuda),
-                num_shared=num_fused,
+                layout=self.fused_layout,
             ),
             enable_eplb=enable_eplb,
             num_redundant_experts=self.n_redundant_experts,
@@ -238,16 +246,20 @@ class ErnieMoE(nn.Module):
         return out.view(shape)
 
 
-def shared_experts_fusable(arch: ErnieArch, parallel_config: Any, enable_eplb: bool) -> bool:
-    """Whether shared experts can run as always-selected experts of the fused-MoE call:
-    not with expert parallelism or EPLB (one rank would hold them, and EPLB would count
-    them as routed), nor with biases (the fused experts have none)."""
-    return (
-        arch.num_shared_experts > 0
-        and not arch.use_bias
-        and not enable_eplb
-        and not getattr(parallel_config, "enable_expert_parallel", False)
-    )
+def fused_shared_layout(
+    arch: ErnieArch, ep_size: int, enable_eplb: bool, wanted: bool
+) -> FusedExpertLayout | None:
+    """Where the shared experts sit inside the fused-MoE call, or None where they run as
+    their own MLP: not wanted (``VLLM_ERNIE45_FUSE_SHARED_EXPERTS``), none, biased (the fused
+    experts have no bias), with EPLB (it would count them as routed), or an expert-parallel
+    size that cannot give every rank the same share of them."""
+    if not wanted or not arch.num_shared_experts or arch.use_bias or enable_eplb:
+        return None
+    reason = unfusable_reason(arch.num_experts, arch.num_shared_experts, ep_size)
+    if reason:
+        logger.info_once("Shared experts run beside the fused-MoE call: %s.", reason)
+        return None
+    return FusedExpertLayout(arch.num_experts, arch.num_shared_experts, ep_size)
 
 
 class ErnieDecoderLayer(nn.Module):

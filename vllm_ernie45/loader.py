@@ -37,6 +37,7 @@ from vllm_ernie45.checkpoint import (
     pt_schema,
 )
 from vllm_ernie45.config import ErnieArch
+from vllm_ernie45.expert_layout import FusedExpertLayout
 
 logger = init_logger("vllm.ernie45.loader")
 
@@ -79,18 +80,26 @@ def initial_physical_to_logical(num_logical: int, num_redundant: int) -> list[in
     return [p % num_logical for p in range(num_logical + num_redundant)]
 
 
-def _physical_slots(model: nn.Module, arch: ErnieArch) -> dict[int, list[int]]:
-    """Logical expert id -> the physical expert ids that hold it (EPLB redundancy). Fused
-    shared experts (ids >= E; never with EPLB) live in the slot of their own id."""
-    redundant = getattr(model, "num_redundant_experts", 0) or 0
+def _physical_slots(
+    model: nn.Module, arch: ErnieArch, layout: FusedExpertLayout | None = None
+) -> dict[int, list[int]]:
+    """Logical expert id -> the fused-MoE slots that hold it. With shared experts fused in,
+    ``layout`` places routed expert ``e`` and shared slice ``E + j`` (their slots interleave
+    under expert parallelism, vllm_ernie45.expert_layout); otherwise EPLB's placement
+    (redundant copies; never together with fused shared experts)."""
     slots: dict[int, list[int]] = defaultdict(list)
+    if layout is not None:
+        for expert in range(arch.num_experts):
+            slots[expert] = [layout.routed_slot(expert)]
+        for shared in range(arch.num_shared_experts):
+            slots[arch.num_experts + shared] = [layout.shared_slot(shared)]
+        return slots
+    redundant = getattr(model, "num_redundant_experts", 0) or 0
     if arch.num_experts:
         for physical, logical in enumerate(
             initial_physical_to_logical(arch.num_experts, redundant)
         ):
             slots[logical].append(physical)
-        for shared in range(arch.num_shared_experts):
-            slots[arch.num_experts + shared] = [arch.num_experts + shared]
     return slots
 
 
@@ -251,10 +260,12 @@ def load_checkpoint(
     model: nn.Module,
     arch: ErnieArch,
     weights: Iterable[tuple[str, torch.Tensor]],
-    fused_shared: bool = False,
+    fused_layout: FusedExpertLayout | None = None,
 ) -> set[str]:
-    """Load a -PT checkpoint (:func:`vllm_ernie45.checkpoint.pt_schema`) into the main model."""
-    return load_with_schema(model, pt_schema(arch, fused_shared), weights, _physical_slots(model, arch))
+    """Load a -PT checkpoint (:func:`vllm_ernie45.checkpoint.pt_schema`) into the main model;
+    ``fused_layout``: the MoE layers run their shared experts inside the fused call."""
+    schema = pt_schema(arch, fused_shared=fused_layout is not None)
+    return load_with_schema(model, schema, weights, _physical_slots(model, arch, fused_layout))
 
 
 def load_mtp_checkpoint(

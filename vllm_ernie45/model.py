@@ -179,10 +179,11 @@ class _ErnieCausalLM(nn.Module, SupportsPP, SupportsLoRA):
         )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        fused_shared = any(
-            getattr(getattr(layer, "mlp", None), "fused_shared", False) for layer in self.model.layers
-        )
-        return load_checkpoint(self, self.arch, weights, fused_shared)
+        layouts = {
+            getattr(getattr(layer, "mlp", None), "fused_layout", None) for layer in self.model.layers
+        } - {None}
+        assert len(layouts) <= 1, layouts  # one decision for every MoE layer
+        return load_checkpoint(self, self.arch, weights, layouts.pop() if layouts else None)
 
 
 class ErnieDenseForCausalLM(_ErnieCausalLM):

@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from vllm_ernie45.expert_layout import FusedExpertLayout
+
 
 def ernie_select_experts(
     gating_output: torch.Tensor,
@@ -40,14 +42,13 @@ def _custom_routing(
     *,
     e_score_correction_bias: torch.Tensor,
     norm_min: float,
-    num_shared: int,
+    layout: FusedExpertLayout | None,
     select: Callable,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # ERNIE always renormalises (with its own floor); vLLM's flag is not consulted. With
     # fused shared experts vLLM's top-k counts the shared slots too.
-    return select(
-        gating_output, e_score_correction_bias, topk - num_shared, norm_min, num_shared
-    )
+    num_shared = layout.num_shared if layout else 0
+    return select(gating_output, e_score_correction_bias, topk - num_shared, norm_min, layout)
 
 
 def _select_torch(
@@ -55,16 +56,17 @@ def _select_torch(
     e_score_correction_bias: torch.Tensor,
     top_k: int,
     norm_min: float,
-    num_shared: int,
+    layout: FusedExpertLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weights, ids = ernie_select_experts(gating_output, e_score_correction_bias, top_k, norm_min)
-    if num_shared:
-        tokens, num_experts = gating_output.shape[0], gating_output.shape[-1]
-        shared_ids = torch.arange(
-            num_experts, num_experts + num_shared, dtype=ids.dtype, device=ids.device
-        ).expand(tokens, num_shared)
-        weights = torch.cat([weights, weights.new_ones(tokens, num_shared)], dim=-1)
-        ids = torch.cat([ids, shared_ids], dim=-1)
+    if layout is None:
+        return weights, ids
+    if layout.ep_size > 1:  # routed expert e -> its slot (expert_layout)
+        ids = ids + (ids // layout.routed_per_rank) * layout.shared_per_rank
+    tokens = gating_output.shape[0]
+    shared_ids = torch.tensor(layout.shared_slots, dtype=ids.dtype, device=ids.device)
+    weights = torch.cat([weights, weights.new_ones(tokens, layout.num_shared)], dim=-1)
+    ids = torch.cat([ids, shared_ids.expand(tokens, layout.num_shared)], dim=-1)
     return weights, ids
 
 
@@ -72,13 +74,14 @@ def make_routing_function(
     e_score_correction_bias: torch.Tensor,
     norm_min: float,
     backend: str = "torch",
-    num_shared: int = 0,
+    layout: FusedExpertLayout | None = None,
 ) -> Callable:
     """A ``custom_routing_function`` for vLLM's fused MoE bound to one layer's bias tensor
     (the Parameter itself, so weights loaded into it later are seen).
 
-    ``num_shared`` > 0: the layer's shared experts run inside the fused-MoE call as experts
-    ``E .. E+S-1``, selected for every token with weight 1 (vLLM's top-k is then k + S).
+    ``layout``: the layer's shared experts run inside the fused-MoE call, in the slots
+    ``layout`` gives them (``vllm_ernie45.expert_layout``), selected for every token with
+    weight 1 (vLLM's top-k is then k + S); routed experts are returned as their slots.
     ``backend``: ``torch`` (any device) or ``triton`` (one CUDA kernel).
     """
     if backend == "triton":
@@ -91,6 +94,6 @@ def make_routing_function(
         _custom_routing,
         e_score_correction_bias=e_score_correction_bias,
         norm_min=norm_min,
-        num_shared=num_shared,
+        layout=layout,
         select=select,
     )

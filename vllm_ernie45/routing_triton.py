@@ -2,8 +2,9 @@
 
 One program per token row: softmax over the fp32 gate logits, top-k by repeated arg-max on
 ``p + bias``, weights = the unbiased ``p`` of the chosen experts over
-``clamp(sum, min=norm_min)``; then ``num_shared`` always-selected shared-expert slots
-(ids ``E .. E+S-1``, weight 1) when shared experts run inside the fused-MoE call.
+``clamp(sum, min=norm_min)``; when shared experts run inside the fused-MoE call, routed
+experts are returned as their slots and the ``S`` shared slots follow with weight 1 (slot
+arithmetic of ``vllm_ernie45.expert_layout``: ``E .. E+S-1`` without expert parallelism).
 Replaces about eight small torch kernels per MoE layer, which dominate batch-1 decode.
 """
 
@@ -12,6 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from vllm_ernie45.expert_layout import FusedExpertLayout
 
 
 @triton.jit
@@ -23,6 +26,8 @@ def _ernie_router_kernel(
     num_experts,
     stride_row,
     norm_min,
+    routed_per_rank,
+    shared_per_rank,
     TOP_K: tl.constexpr,
     NUM_SHARED: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -49,10 +54,15 @@ def _ernie_router_kernel(
         top_w = tl.where(koffs == k, p, top_w)
         scores = tl.where(offs == best, -float("inf"), scores)
     top_w = top_w / tl.maximum(tl.sum(top_w, axis=0), norm_min)
-    # Shared-expert slots after the routed ones: ids E..E+S-1, weight 1.
-    is_shared = (koffs >= TOP_K) & (koffs < TOP_K + NUM_SHARED)
-    top_ids = tl.where(is_shared, num_experts + koffs - TOP_K, top_ids)
-    top_w = tl.where(is_shared, 1.0, top_w)
+    if NUM_SHARED > 0:
+        # Routed expert e -> slot e + (e // Er) * Sr; shared slice j -> slot
+        # (j // Sr) * (Er + Sr) + Er + j % Sr, weight 1 (expert_layout.FusedExpertLayout).
+        top_ids = top_ids + (top_ids // routed_per_rank) * shared_per_rank
+        is_shared = (koffs >= TOP_K) & (koffs < TOP_K + NUM_SHARED)
+        j = tl.where(is_shared, koffs - TOP_K, 0)
+        shared_slot = (j // shared_per_rank) * (routed_per_rank + shared_per_rank) + routed_per_rank + j % shared_per_rank
+        top_ids = tl.where(is_shared, shared_slot, top_ids)
+        top_w = tl.where(is_shared, 1.0, top_w)
     out = row * (TOP_K + NUM_SHARED) + koffs
     keep = koffs < TOP_K + NUM_SHARED
     tl.store(weights_ptr + out, top_w, mask=keep)
@@ -64,10 +74,11 @@ def ernie_select_experts_triton(
     e_score_correction_bias: torch.Tensor,
     top_k: int,
     norm_min: float,
-    num_shared: int = 0,
+    layout: FusedExpertLayout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights fp32 [T, k+S], ids int32 [T, k+S])``."""
     tokens, num_experts = gating_output.shape
+    num_shared = layout.num_shared if layout else 0
     weights = torch.empty(tokens, top_k + num_shared, dtype=torch.float32, device=gating_output.device)
     ids = torch.empty(tokens, top_k + num_shared, dtype=torch.int32, device=gating_output.device)
     if tokens:
@@ -79,6 +90,8 @@ def ernie_select_experts_triton(
             num_experts,
             gating_output.stride(0),
             norm_min,
+            layout.routed_per_rank if layout else num_experts,
+            layout.shared_per_rank if layout else 1,
             TOP_K=top_k,
             NUM_SHARED=num_shared,
             BLOCK_E=triton.next_power_of_2(num_experts),

@@ -40,6 +40,8 @@ IMPLS = {
     "plugin": {},
     "plugin-torchrouter": {"VLLM_ERNIE45_ROUTER": "torch"},
     "plugin-unfused": {"VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0"},
+    # Under --enable-expert-parallel: shared experts fused, one slice per rank (EP=2).
+    "plugin-fused": {"VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "1"},
     "plugin-baseline": {"VLLM_ERNIE45_ROUTER": "torch", "VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0"},
     # With --quantization fp8: weight-only FP8 (Marlin kernels, bf16 activations) instead of
     # FP8 x FP8 -- vLLM's switch for it on GPUs that have FP8 units.

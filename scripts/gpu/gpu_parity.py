@@ -51,6 +51,9 @@ ENGINES = {
     # Parallel layouts (2 GPUs): each also compared with the one-GPU plugin run.
     "plugin-tp2": ({}, {**EAGER, "tensor_parallel_size": 2}),
     "plugin-tp2-ep": ({}, {**EAGER, "tensor_parallel_size": 2, "enable_expert_parallel": True}),
+    # Shared experts fused under EP: one shared slice per rank (vllm_ernie45.expert_layout).
+    "plugin-tp2-ep-fused": ({"VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "1"},
+                            {**EAGER, "tensor_parallel_size": 2, "enable_expert_parallel": True}),
     "plugin-pp2": ({}, {**EAGER, "pipeline_parallel_size": 2}),
     # EPLB with 2 redundant experts, rebalancing every 4 steps within the 16 generated tokens.
     "plugin-tp2-ep-eplb": ({}, {**EAGER, "tensor_parallel_size": 2, "enable_expert_parallel": True,
@@ -58,8 +61,9 @@ ENGINES = {
                                 "eplb_config": {"num_redundant_experts": 2, "window_size": 4, "step_interval": 4}}),
     # DP=2 + EP: run by run_data_parallel_in_children with DATA_PARALLEL's size.
     "plugin-dp2-ep": ({}, {**EAGER, "enable_expert_parallel": True}),
+    "plugin-dp2-ep-fused": ({"VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "1"}, {**EAGER, "enable_expert_parallel": True}),
 }
-DATA_PARALLEL = {"plugin-dp2-ep": 2}
+DATA_PARALLEL = {"plugin-dp2-ep": 2, "plugin-dp2-ep-fused": 2}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,8 @@ Shapes: ``66:8`` is the plugin's GPU default (64 routed experts, top-6, plus the
 experts fused in as always-selected experts); ``64:6`` is the unfused layout (expert
 parallelism, EPLB, ``VLLM_ERNIE45_FUSE_SHARED_EXPERTS=0``) and the in-tree model's.
 Per-rank shapes: ``66:8:768:2560`` is the 21B-A3B under TP=2 (N halved). A fifth field is the
-expert-parallel size: ``64:6:1536:2560:2`` tunes rank 0 of EP=2 (the table is ``E=32``), with
+expert-parallel size: ``64:6:1536:2560:2`` tunes rank 0 of EP=2 (the table is ``E=32``;
+``66:8:1536:2560:2``, ``E=33``, is EP=2 with a shared slice fused on each rank), with
 tokens routed over all 64 experts and the other rank's pairs masked through an ``expert_map``
 exactly as vLLM's EP layer runs them, so about half of each token's experts are not local.
 ``--dtype fp8_w8a8`` tunes the kernel ``--quantization fp8`` runs on a Hopper GPU (vLLM 0.26
@@ -39,6 +40,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from vllm_ernie45.expert_layout import FusedExpertLayout
 
 TRITON_TOKENS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024, 2048, 4096, 8192]
 # Weight formats the tuner knows: vLLM's table dtype selector -> bytes per weight element.
@@ -135,16 +138,20 @@ class Problem:
 
     def resize(self, tokens: int, seed: int = 1) -> None:
         """Same weights, a new batch of ``tokens`` (each with distinct routed experts, and the
-        shared ones last with weight 1 when E = 66)."""
+        shared ones last with weight 1 when E = 66, in the plugin's slots for them)."""
         gen = torch.Generator(device="cuda").manual_seed(seed + tokens)
         self.x = torch.randn(tokens, self.H, device="cuda", generator=gen, dtype=torch.bfloat16)
         shared = fused_shared_slots(self.E)
         routed = self.top_k - shared
         ids = []
         for _ in range(tokens):
-            pick = torch.randperm(self.E - shared, device="cuda", generator=gen)[:routed]
-            ids.append(torch.cat([pick, torch.arange(self.E - shared, self.E, device="cuda")]))
+            ids.append(torch.randperm(self.E - shared, device="cuda", generator=gen)[:routed])
         self.ids = torch.stack(ids).to(torch.int32)
+        if shared:  # the plugin's slots: under EP one shared slice per rank (expert_layout)
+            layout = FusedExpertLayout(self.E - shared, shared, self.ep)
+            self.ids = self.ids + (self.ids // layout.routed_per_rank) * layout.shared_per_rank
+            shared_ids = torch.tensor(layout.shared_slots, dtype=torch.int32, device="cuda")
+            self.ids = torch.cat([self.ids, shared_ids.expand(tokens, shared)], dim=-1)
         self.weights = torch.rand(tokens, self.top_k, device="cuda", generator=gen)
         self.weights[:, routed:] = 1.0
         self.tokens = tokens
