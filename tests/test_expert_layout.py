@@ -17,6 +17,9 @@ from vllm_ernie45.expert_layout import FusedExpertLayout, unfusable_reason
 from vllm_ernie45.loader import _physical_slots, _place
 from vllm_ernie45.routing import make_routing_function
 
+# vLLM's placement is the other half of the contract: checked on every locked version.
+pytestmark = pytest.mark.version_smoke
+
 
 def _vllm_expert_map(ep: int, rank: int, slots: int) -> torch.Tensor:
     from vllm.model_executor.layers.fused_moe.expert_map_manager import determine_expert_map

@@ -41,9 +41,10 @@ def _load_tuner():
 
 def per_rank_shapes() -> set[tuple[int, int]]:
     """Every (E, N) a fused-MoE call of ERNIE 4.5 has on one rank: the 21B-A3B (64 experts of
-    N=1536, 2 shared experts fused in as E=66 except under expert parallelism) and the
-    300B-A47B (64 experts of N=3584, no shared experts), under TP or EP of 1, 2, 4 and 8."""
-    shapes = set()
+    N=1536, 2 shared experts fused in as E=66; under EP=2 one shared slice fused per rank,
+    E=33) and the 300B-A47B (64 experts of N=3584, no shared experts), under TP or EP of 1,
+    2, 4 and 8."""
+    shapes = {(33, 1536)}  # 21B EP=2, shared fused (VLLM_ERNIE45_FUSE_SHARED_EXPERTS=1)
     for size in (1, 2, 4, 8):
         shapes |= {(66, 1536 // size), (64, 1536 // size), (64 // size, 1536)}  # 21B: TP fused/unfused, EP
         shapes |= {(64, 3584 // size), (64 // size, 3584)}  # 300B: TP, EP
@@ -55,13 +56,19 @@ def test_tables_for_h100_and_h200_are_shipped():
     assert "E=66,N=1536,device_name=NVIDIA_H100_80GB_HBM3.json" in names
     assert "E=66,N=1536,device_name=NVIDIA_H200.json" in names
     assert "E=64,N=1536,device_name=NVIDIA_H200.json" in names
-    # Per-rank shapes of the multi-GPU layouts (issue 12): TP=2/4/8 and EP=2/4/8 of the 21B,
-    # TP=2/4/8 and EP=2/8 of the 300B, on both GPUs; EP=4 of the 300B on the H200.
+    # Per-rank shapes of the multi-GPU layouts (issue 12): TP=2/4/8 and EP=2/4/8 of the 21B
+    # (EP=2 with shared experts fused too), TP=2/4/8 and EP=2/4/8 of the 300B, on both GPUs.
     for gpu in ("NVIDIA_H100_80GB_HBM3", "NVIDIA_H200"):
-        for e, n in [(66, 768), (66, 384), (66, 192), (32, 1536), (16, 1536), (8, 1536),
-                     (64, 1792), (64, 896), (64, 448), (32, 3584), (8, 3584)]:
+        for e, n in [(66, 768), (66, 384), (66, 192), (32, 1536), (16, 1536), (8, 1536), (33, 1536),
+                     (64, 1792), (64, 896), (64, 448), (32, 3584), (16, 3584), (8, 3584)]:
             assert f"E={e},N={n},device_name={gpu}.json" in names, (e, n, gpu)
-    assert "E=16,N=3584,device_name=NVIDIA_H200.json" in names
+    # --quantization fp8: the 21B on one GPU on both; on the H200 also the 21B under TP=2 and
+    # the 300B under TP=4, TP=8, EP=4 and EP=8 (the FP8 300B needs 4+ GPUs).
+    fp8 = [("NVIDIA_H100_80GB_HBM3", 66, 1536)] + [
+        ("NVIDIA_H200", e, n) for e, n in [(66, 1536), (66, 768), (64, 896), (64, 448), (16, 3584), (8, 3584)]
+    ]
+    for gpu, e, n in fp8:
+        assert f"E={e},N={n},device_name={gpu},dtype=fp8_w8a8.json" in names, (e, n, gpu)
 
 
 @pytest.mark.parametrize("path", TABLES, ids=lambda p: p.name)

@@ -6,9 +6,12 @@
     ``triton``: the same math as one Triton kernel per layer (softmax, bias-corrected
     top-k, renormalisation, shared-expert slots); CUDA only.
 ``VLLM_ERNIE45_FUSE_SHARED_EXPERTS``
-    ``auto`` (default): on CUDA, run shared experts inside the routed fused-MoE call as
-    always-selected experts of weight 1 (not with expert parallelism / EPLB, nor with
-    ``use_bias``); ``0``/``1`` force it off/on (on is still refused where it cannot apply).
+    ``auto`` (default): on CUDA without expert parallelism, run shared experts inside the
+    routed fused-MoE call as always-selected experts of weight 1. ``1``: also under expert
+    parallelism, one shared slice per rank (``vllm_ernie45.expert_layout``; EP size must
+    divide the shared slices, e.g. EP=2 for the 21B-A3B): per-rank MoE kernels 2-11 % faster
+    at <= 64 tokens, 5-9 % slower from 256 (docs/parallelism.md). ``0``: never. Never with
+    EPLB or ``use_bias``.
 ``VLLM_ERNIE45_QUANT_SCOPE``
     ``all`` (default): an engine ``quantization`` applies to every linear layer vLLM
     quantizes. ``experts``: only to the MoE experts -- attention projections and dense MLPs
