@@ -185,7 +185,7 @@ class ErnieMoE(nn.Module):
         expert_parallel = bool(getattr(parallel_config, "enable_expert_parallel", False))
         ep_size = get_ep_group().world_size if expert_parallel else 1
         self.fused_layout = fused_shared_layout(
-            arch, ep_size, enable_eplb, envs.fuse_shared_experts(is_cuda, expert_parallel)
+            arch, ep_size, enable_eplb, envs.fuse_shared_experts(is_cuda, ep_size > 1)
         )
         self.fused_shared = self.fused_layout is not None
         num_fused = arch.num_shared_experts if self.fused_shared else 0
