@@ -10,6 +10,7 @@ exact token ids vLLM produced, so logprob differences compare like with like.
     python scripts/gpu/gpu_parity.py --out out/gpu_parity.json            # plugin, reference router, in-tree
     python scripts/gpu/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-fp8 --out out/fp8.json
     python scripts/gpu/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-tp2,mid-bf16:plugin-tp2-ep,mid-bf16:plugin-pp2,mid-bf16:plugin-tp2-ep-eplb,mid-bf16:plugin-dp2-ep --out out/layouts.json   # 2 GPUs
+    python scripts/gpu/gpu_parity.py --runs mid-bf16:plugin,mid-bf16:plugin-tp2-ep-fused,mid-bf16:plugin-dp2-ep-fused --out out/ep_fused.json   # 2 GPUs
 
 ``plugin-dp2-ep`` is vLLM's offline data-parallel launch: two engine processes (one GPU each)
 with the prompts split between them, merged back in order before the comparison.
