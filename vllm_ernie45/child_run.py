@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -111,3 +112,10 @@ def judge_child(returncode: int, result_path: str | Path, log_tail: str = "") ->
             f"child's vLLM engine did not shut down cleanly ({status}); {path}\n{log_tail}"
         )
     return result
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a child's server or rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -37,7 +37,6 @@ import os
 import random
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +45,8 @@ from pathlib import Path
 
 import httpx
 import openai
+
+from vllm_ernie45.child_run import free_port
 
 TOOLS = [
     {
@@ -76,12 +77,6 @@ TOOLS = [
 
 WORDS = "the weather in beijing is sunny and the model should call a tool to find out more".split()
 FINISH_REASONS = {"stop", "length", "tool_calls"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CPU_ENGINE_ARGS = "--gpu-memory-utilization 0.3 --enforce-eager"

