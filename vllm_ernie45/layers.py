@@ -187,7 +187,6 @@ class ErnieMoE(nn.Module):
         self.fused_layout = fused_shared_layout(
             arch, ep_size, enable_eplb, envs.fuse_shared_experts(is_cuda, ep_size > 1)
         )
-        self.fused_shared = self.fused_layout is not None
         num_fused = arch.num_shared_experts if self.fused_shared else 0
 
         self.n_routed_experts = arch.num_experts
@@ -237,6 +236,10 @@ class ErnieMoE(nn.Module):
             shared_experts=self.shared_experts,
             router_logits_dtype=torch.float32,
         )
+
+    @property
+    def fused_shared(self) -> bool:
+        return self.fused_layout is not None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
