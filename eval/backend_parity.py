@@ -447,7 +447,7 @@ def equivalent_cli(args: argparse.Namespace, result: dict, mode: str) -> str:
 
 
 def run_parity(args: argparse.Namespace) -> int:
-    from vllm_ernie45.child_run import ChildFailed, judge_child
+    from vllm_ernie45.child_run import CHILD_ENV, ChildFailed, judge_child
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ernie-eval-parity-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -456,7 +456,7 @@ def run_parity(args: argparse.Namespace) -> int:
 
         args.model = str(make_tiny_checkpoint(work / "tiny-21b", "21b", dtype="float32"))
         print(f"parity: tiny checkpoint {args.model}", flush=True)
-    env = dict(os.environ)
+    env = {**os.environ, **CHILD_ENV}  # stacks of an engine hung at shutdown (child_run)
     env.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if Path(args.model).is_dir() and all(t.startswith(OFFLINE_PREFIX) for t in args.tasks.split(",")):

@@ -246,16 +246,14 @@ def run_in_child(
 ) -> dict[str, Any]:
     """``python -m vllm_ernie45.testing.parity --engine ENGINE --model MODEL --out OUT ...`` in
     its own process; its result, judged by exit status, complete result file and clean engine
-    shutdown (``vllm_ernie45.child_run``). ``options`` are the other flags of :func:`main`
-    (``max_tokens=8`` -> ``--max-tokens 8``; ``vllm_args`` a dict, sent as JSON)."""
-    import subprocess
-
-    from vllm_ernie45.child_run import judge_child
+    shutdown, run again once if its engine hung at shutdown (``vllm_ernie45.child_run.run_judged``).
+    ``options`` are the other flags of :func:`main` (``max_tokens=8`` -> ``--max-tokens 8``;
+    ``vllm_args`` a dict, sent as JSON)."""
+    from vllm_ernie45.child_run import run_judged
 
     cmd = _child_command(engine, model, out, options)
     full_env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout)
-    return judge_child(proc.returncode, out, f"{cmd[3:7]}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return run_judged(cmd, out, env=full_env, timeout=timeout)
 
 
 def shard_prompts(prompts: list[list[int]], size: int) -> list[list[list[int]]]:
@@ -294,7 +292,7 @@ def run_data_parallel_in_children(
     import subprocess
     import time
 
-    from vllm_ernie45.child_run import ChildFailed, free_port, judge_child, write_result
+    from vllm_ernie45.child_run import CHILD_ENV, ChildFailed, free_port, judge_child, write_result
 
     out = Path(out)
     config = json.loads((Path(model) / "config.json").read_text())
@@ -307,7 +305,7 @@ def run_data_parallel_in_children(
         rank_outs.append(out.with_name(f"{out.stem}.dp{rank}.json"))
         logs.append(out.with_name(f"{out.stem}.dp{rank}.log"))
         cmd = _child_command("vllm", model, rank_outs[-1], {**options, "prompts": prompts_file})
-        rank_env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {}),
+        rank_env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **(env or {}), **CHILD_ENV,
                     "VLLM_DP_RANK": str(rank), "VLLM_DP_RANK_LOCAL": str(rank), "VLLM_DP_SIZE": str(size),
                     "VLLM_DP_MASTER_IP": "127.0.0.1", "VLLM_DP_MASTER_PORT": str(port)}  # fmt: skip
         with logs[-1].open("w") as log:
