@@ -129,7 +129,7 @@ def abort_for_stacks(processes: list[Any], hung: list[str], waited_s: float) -> 
     if hung:
         print(
             f"child_run: engine processes {hung} still running {waited_s:.0f} s after SIGTERM;"
-            " sent SIGABRT for their Python stacks (faulthandler, below)",
+            " sent SIGABRT for their Python stacks (printed below where PYTHONFAULTHANDLER=1)",
             file=sys.stderr,
             flush=True,
         )
