@@ -44,11 +44,13 @@ class FusedExpertLayout:
     def slots_per_rank(self) -> int:
         return self.routed_per_rank + self.shared_per_rank
 
-    def routed_slot(self, expert: int) -> int:
+    # The two slot maps are elementwise: an int, or an integer tensor of them (the torch
+    # router maps its chosen ids on the device with these; the Triton kernel restates them).
+    def routed_slot(self, expert):
         return expert + (expert // self.routed_per_rank) * self.shared_per_rank
 
-    def shared_slot(self, index: int) -> int:
-        rank, within = divmod(index, self.shared_per_rank)
+    def shared_slot(self, index):
+        rank, within = index // self.shared_per_rank, index % self.shared_per_rank
         return rank * self.slots_per_rank + self.routed_per_rank + within
 
     @property

@@ -33,7 +33,7 @@ from vllm.platforms import current_platform
 
 from vllm_ernie45 import compat, envs
 from vllm_ernie45.config import ErnieArch
-from vllm_ernie45.expert_layout import FusedExpertLayout, unfusable_reason
+from vllm_ernie45.expert_layout import FusedExpertLayout
 from vllm_ernie45.routing import make_routing_function
 
 logger = init_logger(__name__)
@@ -258,11 +258,11 @@ def fused_shared_layout(
     size that cannot give every rank the same share of them."""
     if not wanted or not arch.num_shared_experts or arch.use_bias or enable_eplb:
         return None
-    reason = unfusable_reason(arch.num_experts, arch.num_shared_experts, ep_size)
-    if reason:
+    try:
+        return FusedExpertLayout(arch.num_experts, arch.num_shared_experts, ep_size)
+    except ValueError as reason:  # expert_layout.unfusable_reason
         logger.info_once("Shared experts run beside the fused-MoE call: %s.", reason)
         return None
-    return FusedExpertLayout(arch.num_experts, arch.num_shared_experts, ep_size)
 
 
 class ErnieDecoderLayer(nn.Module):

@@ -61,13 +61,11 @@ def _select_torch(
     weights, ids = ernie_select_experts(gating_output, e_score_correction_bias, top_k, norm_min)
     if layout is None:
         return weights, ids
-    routed, shared = layout.routed_per_rank, layout.shared_per_rank
-    if layout.ep_size > 1:  # routed expert e -> its slot (expert_layout)
-        ids = ids + (ids // routed) * shared
-    # Shared slice j -> slot (j // Sr) * (Er + Sr) + Er + j % Sr, built on the device (no host
-    # copy: this runs inside CUDA-graph capture with VLLM_ERNIE45_ROUTER=torch).
-    j = torch.arange(layout.num_shared, dtype=ids.dtype, device=ids.device)
-    shared_ids = (j // shared) * (routed + shared) + routed + j % shared
+    if layout.ep_size > 1:  # routed expert e -> its slot (the identity without EP)
+        ids = layout.routed_slot(ids)
+    # The shared slots, built on the device (no host copy: this runs inside CUDA-graph
+    # capture with VLLM_ERNIE45_ROUTER=torch).
+    shared_ids = layout.shared_slot(torch.arange(layout.num_shared, dtype=ids.dtype, device=ids.device))
     tokens = gating_output.shape[0]
     weights = torch.cat([weights, weights.new_ones(tokens, layout.num_shared)], dim=-1)
     ids = torch.cat([ids, shared_ids.expand(tokens, layout.num_shared)], dim=-1)

@@ -149,9 +149,8 @@ class Problem:
         self.ids = torch.stack(ids).to(torch.int32)
         if shared:  # the plugin's slots: under EP one shared slice per rank (expert_layout)
             layout = FusedExpertLayout(self.E - shared, shared, self.ep)
-            slot = torch.tensor([layout.routed_slot(e) for e in range(self.E - shared)], device="cuda")
-            shared_ids = torch.tensor(layout.shared_slots, device="cuda").expand(tokens, shared)
-            self.ids = torch.cat([slot[self.ids.long()], shared_ids], dim=-1).to(torch.int32)
+            shared_ids = layout.shared_slot(torch.arange(shared, dtype=self.ids.dtype, device="cuda"))
+            self.ids = torch.cat([layout.routed_slot(self.ids), shared_ids.expand(tokens, shared)], dim=-1)
         self.weights = torch.rand(tokens, self.top_k, device="cuda", generator=gen)
         self.weights[:, routed:] = 1.0
         self.tokens = tokens
