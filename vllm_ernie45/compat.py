@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+from collections.abc import Callable
 from typing import Any
 
 # The supported vLLM range, written here only (setup.py's extras are made from it).
@@ -209,28 +210,73 @@ def reasoning_parser_base() -> tuple[Any, Any]:
     return ReasoningParser, ReasoningParserManager
 
 
-def register_tool_parser(name: str, module_path: str, class_name: str) -> None:
+Undo = Callable[[], None]
+
+
+def register_model(arch: str, target: str) -> Undo:
+    """``ModelRegistry.register_model(arch, target)``; returns what puts back the entry it
+    replaced (vLLM's in-tree class), so a registration that fails half-way leaves vLLM as
+    it was."""
+    from vllm import ModelRegistry
+
+    models = getattr(ModelRegistry, "models", None)
+    if not isinstance(models, dict):
+        raise UnsupportedVllmVersion(
+            f"vLLM {installed_vllm_version()}: ModelRegistry has no dict 'models'; "
+            "vllm-ernie45 cannot register its models there"
+        )
+    had, before = arch in models, models.get(arch)
+    ModelRegistry.register_model(arch, target)
+
+    def undo() -> None:
+        if had:
+            models[arch] = before
+        else:
+            models.pop(arch, None)
+
+    return undo
+
+
+def register_tool_parser(name: str, module_path: str, class_name: str) -> Undo:
     _, manager = tool_parser_base()
-    _register_lazy(manager, "tool_parsers", name, module_path, class_name)
+    return _register_lazy(manager, "tool_parsers", name, module_path, class_name)
 
 
-def register_reasoning_parser(name: str, module_path: str, class_name: str) -> None:
+def register_reasoning_parser(name: str, module_path: str, class_name: str) -> Undo:
     _, manager = reasoning_parser_base()
-    _register_lazy(manager, "reasoning_parsers", name, module_path, class_name)
+    return _register_lazy(manager, "reasoning_parsers", name, module_path, class_name)
 
 
-def _register_lazy(manager: Any, eager_attr: str, name: str, module_path: str, cls: str) -> None:
+def _register_lazy(manager: Any, eager_attr: str, name: str, module_path: str, cls: str) -> Undo:
     # A lazily registered name loses to an eagerly imported one of the same name, so drop
     # an in-tree class that was already imported before replacing the lazy entry. Without
     # that dict vLLM's in-tree 'ernie45' parser could silently win: refuse instead.
     eager = getattr(manager, eager_attr, None)
-    if not isinstance(eager, dict) or not hasattr(manager, "register_lazy_module"):
+    lazy = getattr(manager, "lazy_parsers", None)
+    if (
+        not isinstance(eager, dict)
+        or not isinstance(lazy, dict)
+        or not hasattr(manager, "register_lazy_module")
+    ):
         raise UnsupportedVllmVersion(
-            f"vLLM {installed_vllm_version()}: {manager.__name__} has no dict {eager_attr!r} "
-            "or no register_lazy_module; vllm-ernie45 cannot register its parsers there"
+            f"vLLM {installed_vllm_version()}: {manager.__name__} has no dict {eager_attr!r}, "
+            "no dict 'lazy_parsers' or no register_lazy_module; vllm-ernie45 cannot register "
+            "its parsers there"
         )
+    saved = {table_name: (name in table, table.get(name)) for table_name, table in
+             ((eager_attr, eager), ("lazy_parsers", lazy))}
     eager.pop(name, None)
     manager.register_lazy_module(name=name, module_path=module_path, class_name=cls)
+
+    def undo() -> None:
+        for table_name, table in ((eager_attr, eager), ("lazy_parsers", lazy)):
+            had, before = saved[table_name]
+            if had:
+                table[name] = before
+            else:
+                table.pop(name, None)
+
+    return undo
 
 
 # ----------------------------------------------------------------------------- introspection

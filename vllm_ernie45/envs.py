@@ -26,6 +26,13 @@
     ``pre_norm`` (default): the plugin's MTP draft gets the target's last hidden state before
     the final norm, as ERNIE's training code feeds it; ``post_norm``: after it (FastDeploy's
     choice). vLLM's in-tree draft always gets the post-norm state it is built for.
+``VLLM_ERNIE45_STRICT``
+    ``0`` (default): where the plugin cannot serve the installed vLLM (a version outside the
+    supported range, or a vLLM API that moved so that ``register()`` fails), it logs one
+    warning and registers nothing: vLLM's in-tree ERNIE classes and parsers serve, and every
+    other model is untouched. ``1``: ``register()`` raises instead (CI, and users who want a
+    hard failure). Read in ``register()`` only; any value other than ``1`` means ``0``, since
+    a typo here must not stop vLLM either.
 
 ``VLLM_TUNED_CONFIG_FOLDER`` (vLLM's own switch)
     Where vLLM looks first for fused-MoE Triton tables. ``register()`` points it at the
@@ -37,6 +44,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 MOE_CONFIG_FOLDER = Path(__file__).parent / "moe_configs"
@@ -86,6 +94,14 @@ def mtp_hidden_state() -> str:
     return _choice("VLLM_ERNIE45_MTP_HIDDEN", "pre_norm", ("pre_norm", "post_norm"))
 
 
-def use_tuned_moe_configs() -> None:
-    """``VLLM_TUNED_CONFIG_FOLDER`` -> the plugin's tables, unless already set."""
-    os.environ.setdefault("VLLM_TUNED_CONFIG_FOLDER", str(MOE_CONFIG_FOLDER))
+def strict_registration() -> bool:
+    return os.environ.get("VLLM_ERNIE45_STRICT", "0").strip() == "1"
+
+
+def use_tuned_moe_configs() -> Callable[[], None]:
+    """``VLLM_TUNED_CONFIG_FOLDER`` -> the plugin's tables, unless already set. Returns what
+    undoes it (``register()`` steps aside cleanly if a later step fails)."""
+    if "VLLM_TUNED_CONFIG_FOLDER" in os.environ:
+        return lambda: None
+    os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(MOE_CONFIG_FOLDER)
+    return lambda: os.environ.pop("VLLM_TUNED_CONFIG_FOLDER", None)
