@@ -28,7 +28,8 @@ checked without editing this file:
    ``ModelRegistry``), of the fused-MoE factory and ``GateLinear`` that compat hands out, and of
    the protocol classes the parsers build, passes only arguments the vLLM signature accepts,
    and all it requires;
-3. the contracts no import shows: the fused-MoE runner (``forward``, ``update_expert_map``,
+3. the contracts no import shows: the layers' calls on instances (``LogitsProcessor``,
+   ``RMSNorm(x, residual)``, ``Attention(q, k, v)``, ...), the fused-MoE runner (``forward``, ``update_expert_map``,
    EPLB hooks, the experts' ``weight_loader``), how the routers call
    ``custom_routing_function``, the CPU placeholder dtype compat works around, the fp32 gate's
    GEMM tier, the interfaces' required attributes, ``support_torch_compile``'s annotation
@@ -66,6 +67,18 @@ PROTOCOL_MODULES = (  # compat.protocol_module()'s order
 )
 FUSED_MOE = "vllm.model_executor.layers.fused_moe"
 SPEC_V2 = "vllm.v1.worker.gpu.spec_decode"
+# Calls the plugin makes on instances of vLLM layers (ast cannot follow ``self.norm(...)`` to
+# its class): (class, method, positional arguments, keywords, where the plugin calls it).
+LAYER_CALLS = (
+    ("vllm.model_executor.layers.logits_processor.LogitsProcessor", "forward", 2, ["embedding_bias"],
+     "vllm_ernie45/model.py, mtp.py (compute_logits)"),
+    ("vllm.model_executor.layers.layernorm.RMSNorm", "forward_native", 2, [], "vllm_ernie45/layers.py (x, residual)"),
+    ("vllm.model_executor.layers.vocab_parallel_embedding.ParallelLMHead", "tie_weights", 1, [],
+     "vllm_ernie45/model.py"),
+    ("vllm.model_executor.layers.attention.Attention", "forward", 3, [], "vllm_ernie45/layers.py (q, k, v)"),
+    ("vllm.model_executor.layers.linear.RowParallelLinear", "forward", 1, [], "vllm_ernie45/layers.py"),
+    ("vllm.model_executor.layers.linear.ReplicatedLinear", "forward", 1, [], "vllm_ernie45/mtp.py"),
+)
 PARSERS = (  # (plugin file, plugin class, vLLM base, manager's eager dict)
     ("vllm_ernie45/parsers/tool_parser.py", "Ernie45ToolParser",
      "vllm.tool_parsers.abstract_tool_parser.ToolParser", "tool_parsers"),
@@ -647,6 +660,18 @@ class Checker:
                          "not F.linear; numerics to confirm on a GPU",
                          self.tree.rel(fwd.file, fwd.node.lineno + src.count("\n", 0, i)))
 
+    def layer_calls(self) -> None:
+        for dotted, name, n_args, keywords, user in LAYER_CALLS:
+            cls = self.cls(dotted)
+            loc = self.method(cls, name) if cls else None
+            if loc is None:
+                self.add("MISSING", f"{dotted.rpartition('.')[2]}.{name}", cls, "", user)
+                continue
+            problems = check_call(signature(loc.node, True), n_args, keywords)  # type: ignore[arg-type]
+            shown = ", ".join(["_"] * n_args + [k + "=" for k in keywords])
+            self.add("CHANGED" if problems else "ok", f"{dotted.rpartition('.')[2]}.{name}({shown})", loc,
+                     "; ".join(problems), user)
+
     def interfaces(self) -> None:
         rel = "vllm_ernie45/model.py"
         moe, base = self.plugin_class(rel, "ErnieMoeForCausalLM"), self.plugin_class(rel, "_ErnieCausalLM")
@@ -958,6 +983,7 @@ class Checker:
         self.compat(paths)
         self.imports_and_calls()
         self.fused_moe(paths)
+        self.layer_calls()
         self.interfaces()
         self.tuned_configs()
         self.parsers(paths)
