@@ -900,10 +900,17 @@ class Checker:
                     self._draft_calls(path, label, fwd_sig, logits_sig)
 
         hook = self.text_ref(r"\(\s*(self\.)?model,\s*[\"']get_mtp_target_hidden_states[\"']", "v1/worker/gpu")
-        self.add("ok" if hook else "CHANGED", "V2 runner hands the drafter the target's get_mtp_target_hidden_states()"
-                 " (None: the forward output)", hook,
-                 "" if hook else "the V2 runner no longer reads the hook: the draft would get post-norm states",
+        self.add("ok" if hook else "CHANGED", "V2 runner hands the drafter the target's get_mtp_target_hidden_states()",
+                 hook, "" if hook else "the V2 runner no longer reads the hook: the draft would get post-norm states",
                  "vllm_ernie45/model.py (get_mtp_target_hidden_states)")
+        if hook:  # the plugin's hook returns None when no MTP draft runs (no buffer then)
+            path = self.tree.root / hook.rpartition(":")[0]
+            start = int(hook.rpartition(":")[2])
+            after = "\n".join(self.tree.text(path).splitlines()[start - 1:start + 6])
+            if "is None" not in after:
+                self.add("note", "V2 runner slices the hook's result without a None check: with another speculative "
+                         "method (eagle, ngram, ...) on an ERNIE MoE target the plugin's hook returns None -> "
+                         "TypeError (an MTP draft is fine)", hook, "", "vllm_ernie45/model.py")
         where = self.module_ref(f"{SPEC_V2}.speculator", 'hasattr(target_cls, "get_mtp_target_hidden_states")')
         if where:
             self.add("note", "V2: a target with get_mtp_target_hidden_states widens the draft's hidden-state buffer by "
