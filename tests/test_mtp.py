@@ -92,6 +92,16 @@ def test_agreeing_head_is_accepted_and_lossless(k, agreeing_head, prompts, tmp_p
         assert tokens(result) == tokens(plain)
 
 
+def test_another_speculative_method_gets_a_hidden_state_buffer(random_head, random_plain, prompts, tmp_path):
+    """With a drafter that is not MTP (ngram here, eagle alike) the target's
+    get_mtp_target_hidden_states() still returns a tensor: vLLM 0.26-0.31's V2 model runner
+    slices it without a None check. Lossless, as any drafter must be."""
+    ngram = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+    result = greedy(random_head, tmp_path, "ngram", prompts, {**EAGER, "speculative_config": ngram})
+    assert result["drafter_hidden_buffer"] is True and random_plain["drafter_hidden_buffer"] is False
+    assert tokens(result) == tokens(random_plain)
+
+
 def test_transposed_projection_is_detected(prompts, tmp_path):
     """``mtp_linear_proj`` stored ``[2H, H]`` (reported for some 300B -PT checkpoints) loads
     transposed: the agreeing head still agrees, which it would not if the halves were mixed."""

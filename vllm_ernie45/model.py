@@ -89,11 +89,19 @@ class ErnieModel(nn.Module):
         # What the MTP draft gets (vllm_ernie45.mtp): the last layer's output before the final
         # norm (or after it, VLLM_ERNIE45_MTP_HIDDEN=post_norm, and always for vLLM's in-tree
         # draft, which is built for that), copied inside the compiled forward into a buffer that
-        # outlives it, as vLLM's hook contract asks.
+        # outlives it, as vLLM's hook contract asks. With any other speculative method the
+        # buffer holds the forward's own output: vLLM 0.26-0.31's V2 model runner slices what
+        # the hook returns without a None check (vllm/v1/worker/gpu/model_runner.py), so the
+        # hook must return a tensor whenever a drafter runs.
         self.mtp_hidden_buffer: torch.Tensor | None = None
-        self.mtp_pre_norm = envs.mtp_hidden_state() == "pre_norm" and envs.mtp_draft() == "plugin"
         spec = vllm_config.speculative_config
-        if spec is not None and spec.method in MTP_METHODS and get_pp_group().is_last_rank:
+        self.mtp_pre_norm = (
+            spec is not None
+            and spec.method in MTP_METHODS
+            and envs.mtp_hidden_state() == "pre_norm"
+            and envs.mtp_draft() == "plugin"
+        )
+        if spec is not None and get_pp_group().is_last_rank:
             self.mtp_hidden_buffer = torch.empty(
                 vllm_config.scheduler_config.max_num_batched_tokens,
                 arch.hidden_size,

@@ -55,6 +55,8 @@ def model_facts(model: Any) -> dict[str, Any]:
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "fused_shared": any(getattr(getattr(l, "mlp", None), "fused_shared", False) for l in layers),
         "num_shared_experts": getattr(getattr(model, "arch", None), "num_shared_experts", None),
+        # what vLLM's runners read for a drafter's hidden states (None: the forward's output)
+        "drafter_hidden_buffer": getattr(model, "get_mtp_target_hidden_states", lambda: None)() is not None,
     }
 
 
