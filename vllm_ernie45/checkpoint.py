@@ -87,13 +87,18 @@ class Split:
 @dataclass(frozen=True)
 class TensorSpec:
     """One checkpoint tensor. ``target`` None: read and shape-checked, not loaded (the head
-    a tied checkpoint may carry; the embedding fills it)."""
+    a tied checkpoint may carry; the embedding fills it). ``linear``: (out, in) where the
+    tensor is the weight of a linear layer (or of one expert projection), which a
+    pre-quantized checkpoint stores in its format's tensors instead
+    (:func:`vllm_ernie45.quantized.specialise`). ``shape`` None, or None in a dimension: left
+    to the parameter's vLLM weight loader (quantized tensors only)."""
 
-    shape: tuple[int, ...]
+    shape: tuple[int | None, ...] | None
     target: Target | None
     place: Stack | Split | None = None  # None: the whole parameter
     stored_as: tuple[Reshape | Transpose, ...] = ()
     if_absent: str = REQUIRED
+    linear: tuple[int, int] | None = None
 
     def transform_for(self, stored: tuple[int, ...]) -> Reshape | Transpose | None:
         """The transform that takes a tensor stored as ``stored`` to ``shape`` (None: it has it)."""
@@ -167,7 +172,9 @@ def _linear(
     shard: str | int | None,
 ) -> None:
     place = Stack(shard) if shard is not None else None
-    tensors[f"{ckpt}.weight"] = TensorSpec((out_features, in_features), Target(target_module, "weight"), place)
+    tensors[f"{ckpt}.weight"] = TensorSpec(
+        (out_features, in_features), Target(target_module, "weight"), place, linear=(out_features, in_features)
+    )
     if bias:
         tensors[f"{ckpt}.bias"] = TensorSpec((out_features,), Target(target_module, "bias"), place)
 
@@ -204,14 +211,16 @@ def _experts(tensors: dict[str, TensorSpec], mlp: str, arch: ErnieArch, fused_sh
     for e in range(E):
         for proj, shard, param in _EXPERT_PROJS:
             shape = (H, inter) if shard == "w2" else (inter, H)
-            tensors[f"{experts}.{e}.{proj}.weight"] = TensorSpec(shape, Target(experts, param), Stack(shard, e))
+            tensors[f"{experts}.{e}.{proj}.weight"] = TensorSpec(
+                shape, Target(experts, param), Stack(shard, e), linear=shape
+            )
     S = arch.num_shared_experts
     if S and fused_shared:
         wide = arch.shared_intermediate_size
         for proj, shard, param in _EXPERT_PROJS:
             shape, dim = ((H, wide), 1) if shard == "w2" else ((wide, H), 0)
             tensors[f"{mlp}.shared_experts.{proj}.weight"] = TensorSpec(
-                shape, Target(experts, param), Split(shard, E, S, dim)
+                shape, Target(experts, param), Split(shard, E, S, dim), linear=shape
             )
     elif S:
         _mlp(tensors, f"{mlp}.shared_experts", f"{mlp}.shared_experts", H, arch.shared_intermediate_size, arch.use_bias)

@@ -7,16 +7,20 @@ shared experts it has no weights for (vLLM #21713, transformers #39719). Where c
 lacks a key whose default could change the model, the checkpoint's tensors decide it:
 
 =============================  ==============================================================
-``moe_num_shared_experts``     rows of a shared expert's ``gate_proj`` / ``moe_intermediate_size``
-                               (0 where there are no shared-expert tensors)
+``moe_num_shared_experts``     output features of a shared expert's ``gate_proj`` /
+                               ``moe_intermediate_size`` (0 where there are no shared-expert
+                               tensors)
 ``moe_layer_start_index``,     the layers that have a router (``mlp.gate.weight``): the first,
 ``moe_layer_end_index``,       the last, and the smallest interval that gives exactly those
 ``moe_layer_interval``         layers
 ``use_bias``                   whether ``q_proj`` has a bias
 ``tie_word_embeddings``        False where the checkpoint has an ``lm_head.weight`` of its own
-``head_dim``                   rows of ``q_proj`` / ``num_attention_heads``
-``num_key_value_heads``        rows of ``k_proj`` / ``head_dim``
+``head_dim``                   output features of ``q_proj`` / ``num_attention_heads``
+``num_key_value_heads``        output features of ``k_proj`` / ``head_dim``
 =============================  ==============================================================
+
+A layer's output features are read from its weight as stored, plain or quantized
+(:func:`linear_rows`: ``weight``, compressed-tensors ``weight_packed``, GPTQ / AWQ ``scales``).
 
 :func:`resolve_hf_config` runs where vLLM builds the model: it checks the raw config.json
 (required keys) and the shards the safetensors index names, decides the absent keys from the
@@ -54,17 +58,52 @@ class Decision:
     evidence: str  # what in the checkpoint's tensors says so
 
 
+# How a linear layer's weight is stored: plain (bf16, int8, fp8 ``[out, in]``), packed by
+# compressed-tensors (``[out, in / pack]``), or as GPTQ / AWQ ``qweight`` (whose ``scales``,
+# ``[in / group, out]``, give the output size).
+_WEIGHT_FORMS = ("weight", "weight_packed", "qweight")
+
+
+def _has_linear(shapes: Mapping[str, tuple[int, ...]], name: str) -> bool:
+    """Whether the checkpoint stores the weight ``name`` (``X.weight``) in any of its forms."""
+    stem = name.removesuffix(".weight")
+    return any(f"{stem}.{form}" in shapes for form in _WEIGHT_FORMS)
+
+
+def linear_rows(shapes: Mapping[str, tuple[int, ...]], name: str) -> tuple[str, int] | None:
+    """(the tensor that tells, output features) of the linear layer whose weight is ``name``
+    (``X.weight``), stored plain or quantized (:data:`_WEIGHT_FORMS`); None where the
+    checkpoint has no weight of it."""
+    stem = name.removesuffix(".weight")
+    for form in ("weight", "weight_packed"):
+        shape = shapes.get(f"{stem}.{form}")
+        if shape is not None:
+            return f"{stem}.{form}", shape[0]
+    scales = shapes.get(f"{stem}.scales")
+    if f"{stem}.qweight" in shapes:
+        if scales is None or len(scales) != 2:
+            raise ErnieConfigError(
+                f"the checkpoint has {stem}.qweight but no 2-D {stem}.scales (GPTQ / AWQ), so "
+                "its output size is unknown; set the config.json keys decided from it "
+                "(vllm_ernie45.config_from_tensors) explicitly"
+            )
+        return f"{stem}.scales", scales[1]
+    return None
+
+
 def _rows_per(shapes: Mapping[str, tuple[int, ...]], name: str, per: int, key: str, unit: str) -> int | None:
-    """Rows of tensor ``name`` divided by ``per`` (None where the tensor is absent)."""
-    shape = shapes.get(name)
-    if shape is None:
+    """Output features of the linear layer whose weight is ``name`` (plain or quantized,
+    :func:`linear_rows`) divided by ``per`` (None where the layer is absent)."""
+    found = linear_rows(shapes, name)
+    if found is None:
         return None
-    if shape[0] % per:
+    tensor, rows = found
+    if rows % per:
         raise ErnieConfigError(
-            f"config.json has no {key!r}, and the checkpoint cannot decide it: {name} has "
-            f"{shape[0]} rows, not a multiple of {unit}={per}"
+            f"config.json has no {key!r}, and the checkpoint cannot decide it: {tensor} gives "
+            f"{rows} output features, not a multiple of {unit}={per}"
         )
-    return shape[0] // per
+    return rows // per
 
 
 def _moe_layers(raw: dict[str, Any], layers: list[int], num_layers: int) -> list[Decision]:
@@ -106,11 +145,11 @@ def decide_absent_keys(raw: dict[str, Any], shapes: Mapping[str, tuple[int, ...]
         kv = _rows_per(shapes, attention_tensor(0, "k"), head_dim, "num_key_value_heads", "head_dim")
         if kv is not None:
             decisions.append(Decision("num_key_value_heads", kv, f"k_proj has {kv * head_dim} rows"))
-    if "use_bias" not in raw and attention_tensor(0, "q") in shapes:
+    if "use_bias" not in raw and _has_linear(shapes, attention_tensor(0, "q")):
         has_bias = attention_tensor(0, "q", "bias") in shapes
         decisions.append(Decision("use_bias", has_bias, f"q_proj {'has' if has_bias else 'has no'} bias"))
     if "tie_word_embeddings" not in raw and shapes:
-        own_head = LM_HEAD in shapes
+        own_head = _has_linear(shapes, LM_HEAD)
         decisions.append(
             Decision("tie_word_embeddings", not own_head, f"{LM_HEAD} {'present' if own_head else 'absent'}")
         )
@@ -123,9 +162,13 @@ def decide_absent_keys(raw: dict[str, Any], shapes: Mapping[str, tuple[int, ...]
         return decisions
     if "moe_num_shared_experts" not in raw:
         inter = raw["moe_intermediate_size"]
-        shared = [shared_experts_tensor(i) for i in layers if shared_experts_tensor(i) in shapes]
+        shared = [shared_experts_tensor(i) for i in layers if _has_linear(shapes, shared_experts_tensor(i))]
         count = _rows_per(shapes, shared[0], inter, "moe_num_shared_experts", "moe_intermediate_size") if shared else 0
-        evidence = f"{shared[0]} has {count * inter} rows" if shared else "no shared-expert tensors"
+        evidence = (
+            f"{linear_rows(shapes, shared[0])[0]} gives {count * inter} output features"
+            if shared
+            else "no shared-expert tensors"
+        )
         decisions.append(Decision("moe_num_shared_experts", count, evidence))
     if any(k not in raw for k in _MOE_LAYER_KEYS):
         decisions += _moe_layers(raw, layers, num_layers)

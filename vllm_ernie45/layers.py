@@ -34,6 +34,7 @@ from vllm.platforms import current_platform
 from vllm_ernie45 import compat, envs
 from vllm_ernie45.config import ErnieArch
 from vllm_ernie45.expert_layout import FusedExpertLayout
+from vllm_ernie45.quantized import checkpoint_is_quantized
 from vllm_ernie45.routing import make_routing_function
 
 logger = init_logger(__name__)
@@ -184,8 +185,12 @@ class ErnieMoE(nn.Module):
         is_cuda = current_platform.is_cuda()
         expert_parallel = bool(getattr(parallel_config, "enable_expert_parallel", False))
         ep_size = get_ep_group().world_size if expert_parallel else 1
+        # A pre-quantized checkpoint: shared experts run beside the fused call, quantized as
+        # the checkpoint stores them (fusing them would slice packed weights and scales).
+        prequantized = checkpoint_is_quantized(getattr(vllm_config.model_config, "hf_config", None))
         self.fused_layout = fused_shared_layout(
-            arch, ep_size, enable_eplb, envs.fuse_shared_experts(is_cuda, ep_size > 1)
+            arch, ep_size, enable_eplb,
+            envs.fuse_shared_experts(is_cuda, ep_size > 1) and not prequantized,
         )
         num_fused = arch.num_shared_experts if self.fused_shared else 0
 

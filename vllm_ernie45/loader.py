@@ -7,6 +7,12 @@ lacks is a :class:`CheckpointError` naming it), brought to the model's shape by 
 its stored form (reshape, transpose), and placed as the spec says (whole, stacked as one shard
 of a merged parameter, split into fused experts). Nothing is left randomly initialised.
 
+A pre-quantized checkpoint (config.json's ``quantization_config``) is read through the same
+schema, specialised to the parameters vLLM's quantization methods registered on the model
+(:mod:`vllm_ernie45.quantized`), after vLLM's name mapping for its format; vLLM's own weight
+loader of each parameter places the tensor (shard, expert), and what it refuses is a
+CheckpointError naming the tensor.
+
 Loading is local: under pipeline parallelism a rank skips layers it does not hold, and
 under expert parallelism the fused-MoE weight loader keeps only this rank's experts (each
 logical expert is written into every physical slot EPLB gives it).
@@ -38,6 +44,7 @@ from vllm_ernie45.checkpoint import (
 )
 from vllm_ernie45.config import ErnieArch
 from vllm_ernie45.expert_layout import FusedExpertLayout
+from vllm_ernie45.quantized import checkpoint_is_quantized, map_names, shape_matches, specialise
 
 logger = init_logger("vllm.ernie45.loader")
 
@@ -148,10 +155,18 @@ def _to_model_shape(name: str, tensor: torch.Tensor, spec: TensorSpec) -> torch.
     """``tensor`` in the shape the model takes: as stored, or through the transform of the
     stored form it has; otherwise a CheckpointError naming both shapes."""
     stored = _shape(tensor)
-    if stored == spec.shape:
+    if spec.shape is None or stored == spec.shape:
+        return tensor
+    if None in spec.shape and shape_matches(stored, spec.shape):
         return tensor
     transform = spec.transform_for(stored)
     if transform is None:
+        if None in spec.shape:
+            implied = [s if s is not None else "*" for s in spec.shape]
+            raise CheckpointError(
+                f"checkpoint tensor {name!r} has shape {list(stored)}, but the model config "
+                f"and the checkpoint's quantization imply [{', '.join(map(str, implied))}]"
+            )
         raise CheckpointError(
             f"checkpoint tensor {name!r} has shape {list(stored)}, but the model config "
             f"implies {list(spec.shape)}"
@@ -201,6 +216,26 @@ def _place(
     return loaded
 
 
+def _place_checked(
+    name: str,
+    tensor: torch.Tensor,
+    found: tuple[str, nn.Parameter],
+    place: Stack | Split | None,
+    slots: dict[int, list[int]],
+) -> bool:
+    """:func:`_place`, with what vLLM's weight loader refuses (a tensor that does not fit the
+    parameter's slice) reported as a CheckpointError naming the tensor."""
+    path, param = found
+    try:
+        return _place(param, path, tensor, place, slots)
+    except (AssertionError, RuntimeError, ValueError, IndexError) as err:
+        raise CheckpointError(
+            f"checkpoint tensor {name!r} (shape {list(tensor.shape)}, {tensor.dtype}) does not "
+            f"fit parameter {path} (shape {list(param.shape)}, {param.dtype}): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
 def _param_of(model: nn.Module, target: Target) -> tuple[str, nn.Parameter] | None:
     """(dotted path, parameter) of ``target``, or None where another pipeline stage holds it."""
     module = _local_module(model, target.module)
@@ -236,7 +271,7 @@ def load_with_schema(
         seen.add(name)
         tensor = _to_model_shape(name, tensor, spec)
         found = _param_of(model, spec.target) if spec.target is not None else None
-        if found is not None and _place(found[1], found[0], tensor, spec.place, slots or {}):
+        if found is not None and _place_checked(name, tensor, found, spec.place, slots or {}):
             loaded.add(found[0])
 
     absent = [n for n in schema.tensors if n not in seen]
@@ -265,6 +300,20 @@ def load_checkpoint(
     """Load a -PT checkpoint (:func:`vllm_ernie45.checkpoint.pt_schema`) into the main model;
     ``fused_layout``: the MoE layers run their shared experts inside the fused call."""
     schema = pt_schema(arch, fused_shared=fused_layout is not None)
+    quant_config = getattr(model, "quant_config", None)
+    if quant_config is not None and checkpoint_is_quantized(getattr(model, "config", None)):
+        # A pre-quantized checkpoint: its tensors are those of the parameters vLLM's
+        # quantization methods registered, under vLLM's name mapping for the format.
+        schema = specialise(schema, model, quant_config)
+        dropped: list[str] = []
+        weights = map_names(weights, quant_config, dropped)
+        loaded = load_with_schema(model, schema, weights, _physical_slots(model, arch, fused_layout))
+        if dropped:
+            logger.info(
+                "Set aside %d checkpoint tensor(s) the %s quantization does not use (%s, ...).",
+                len(dropped), quant_config.get_name(), dropped[0],
+            )
+        return loaded
     return load_with_schema(model, schema, weights, _physical_slots(model, arch, fused_layout))
 
 
