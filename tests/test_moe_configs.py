@@ -92,16 +92,33 @@ def test_table_is_valid_vllm_format(path):
         assert config["num_warps"] in (4, 8)
 
 
-def test_register_points_vllm_at_the_tables():
+def test_register_leaves_vllm_s_table_folder_alone():
+    """register() runs in every vLLM process, whatever model it serves: it must not point
+    vLLM's fused-MoE (and LoRA, SSM) table lookup at ERNIE's tables -- they would override
+    vLLM's own tuned tables of another model with the same expert shape (e.g. E=8,N=3584 is
+    also Mixtral-8x7B under TP=4). Building an ERNIE MoE model sets it in its own process
+    (tests/test_parity.py checks the worker)."""
     code = (
-        "import os; os.environ.pop('VLLM_TUNED_CONFIG_FOLDER', None)\n"
+        "import os\n"
         "import vllm_ernie45; vllm_ernie45.register()\n"
-        "print(os.environ['VLLM_TUNED_CONFIG_FOLDER'])"
+        "print('FOLDER', os.environ.get('VLLM_TUNED_CONFIG_FOLDER'))"
     )
     env = {k: v for k, v in os.environ.items() if k != "VLLM_TUNED_CONFIG_FOLDER"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert Path(out.stdout.strip().splitlines()[-1]).resolve() == CONFIG_DIR.resolve()
+    assert out.stdout.strip().splitlines()[-1] == "FOLDER None"
+
+
+def test_use_tuned_moe_configs_keeps_a_folder_the_user_set(monkeypatch):
+    from vllm_ernie45 import envs
+
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "")  # so that monkeypatch restores it after
+    monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
+    envs.use_tuned_moe_configs()
+    assert Path(os.environ["VLLM_TUNED_CONFIG_FOLDER"]).resolve() == CONFIG_DIR.resolve()
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", "/my/tables")
+    envs.use_tuned_moe_configs()
+    assert os.environ["VLLM_TUNED_CONFIG_FOLDER"] == "/my/tables"
 
 
 def test_tuner_search_space_fits_hopper_and_token_sizes():

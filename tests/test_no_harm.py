@@ -36,6 +36,7 @@ if __name__ == "__main__":
     out = llm.generate([{"prompt_token_ids": %r}], params, use_tqdm=False)
     shutdown = close_llm(llm)
     print("RESULT " + json.dumps({"model_class": facts["model_class"], "shutdown": shutdown,
+                                  "tuned_config_folder": facts["tuned_config_folder"],
                                   "tokens": list(out[0].outputs[0].token_ids)}))
 """ % (MAX_TOKENS, PROMPT)
 
@@ -97,12 +98,30 @@ def test_llama_serves_through_llm_with_an_unsupported_vllm(tiny_llama, tmp_path)
     assert all(out_of_range_version() in w for w in plugin_warnings(log))
 
 
+def test_llama_with_the_plugin_active_is_served_as_without_it(tiny_llama, tmp_path):
+    """In range, the plugin registers -- and still changes nothing for another model: vLLM's
+    Llama class, HF's tokens, and vLLM's own fused-MoE table lookup (no plugin tables)."""
+    env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", **APPLY_MODEL_ENV, "VLLM_ERNIE45_STRICT": "1"}
+    env.pop("VLLM_TUNED_CONFIG_FOLDER", None)
+    proc = subprocess.run([sys.executable, "-c", _LLM_CHILD, str(tiny_llama)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    log = proc.stdout + proc.stderr
+    results = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and results, log[-6000:]
+    result = json.loads(results[-1][len("RESULT "):])
+    assert "vllm-ernie45 0.1.0 (vLLM" in log and not plugin_warnings(log)  # the plugin is active
+    assert result["model_class"].startswith("vllm.model_executor.models.llama."), result
+    assert result["tuned_config_folder"] is None
+    assert result["tokens"] == hf_greedy(tiny_llama)
+
+
 def test_ernie_falls_back_to_the_in_tree_class_with_an_unsupported_vllm(tiny_checkpoint, tmp_path):
     result, log = run_llm_out_of_range(tiny_checkpoint("21b"), tmp_path)
     assert result["model_class"].startswith("vllm.model_executor.models.ernie45_moe."), result
     assert len(result["tokens"]) == MAX_TOKENS
     assert plugin_warnings(log), log[-4000:]
     assert "in-tree ERNIE 4.5 classes" in plugin_warnings(log)[0]
+    assert result["tuned_config_folder"] is None  # nothing of the plugin's is in effect
 
 
 def test_llama_serves_through_vllm_serve_with_an_unsupported_vllm(tiny_llama, tmp_path, monkeypatch):

@@ -7,8 +7,11 @@ routing or RoPE mistake moves far more than that and flips tokens).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from vllm_ernie45 import envs
 from vllm_ernie45.child_run import ChildFailed
 from vllm_ernie45.testing.parity import (
     APPLY_MODEL_ENV,
@@ -53,6 +56,10 @@ def test_greedy_tokens_and_logprobs_match_hf(variant, tiny_checkpoint, tmp_path)
     got = run_vllm_greedy(model, tmp_path / "vllm.json", max_tokens=8, top_k=5)
     assert got["model_class"] == PLUGIN_CLASS.get(variant, "vllm_ernie45.model.ErnieMoeForCausalLM")
     assert got["fused_shared"] is False  # CPU default: shared experts as their own MLP
+    # The plugin's MoE tables, set in the worker that builds an ERNIE MoE model (only there).
+    # (A folder the user set wins everywhere.)
+    expected = os.environ.get("VLLM_TUNED_CONFIG_FOLDER") or (None if variant == "dense" else str(envs.MOE_CONFIG_FOLDER))
+    assert got["tuned_config_folder"] == expected, got["tuned_config_folder"]
 
     result = assert_matches_hf(model, got)
     print(variant, result.summary())

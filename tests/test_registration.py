@@ -150,8 +150,8 @@ _MOVED_API = (
 
 
 def test_a_failure_inside_registration_undoes_what_was_registered(without_plugin):
-    """The reasoning parser is registered last: by then the models, the MTP draft, the tool
-    parser and the MoE-table folder were registered, and all of it must be undone."""
+    """The reasoning parser is registered last: by then the models, the MTP draft and the
+    tool parser were registered, and all of it must be undone."""
     proc, state = _vllm_state({"VLLM_ERNIE45_STRICT": "0"}, patch=_MOVED_API)
     assert proc.returncode == 0 and state is not None, proc.stderr[-3000:]
     assert state == without_plugin
@@ -175,4 +175,6 @@ def test_in_range_vllm_gets_the_plugin(without_plugin):
         assert target.split(":")[0] in state["models"][arch]
     assert "vllm_ernie45.parsers.tool_parser" in state["tool_parser"][1]
     assert "vllm_ernie45.parsers.reasoning_parser" in state["reasoning_parser"][1]
-    assert state["tuned_config_folder"].endswith("moe_configs")
+    # The MoE tables are set where an ERNIE MoE model is built, not for every model
+    # (tests/test_parity.py, tests/test_no_harm.py).
+    assert state["tuned_config_folder"] is None

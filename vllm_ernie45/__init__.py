@@ -62,8 +62,6 @@ def _register_with_vllm() -> None:
 
     undo = []
     try:
-        # Fused-MoE Triton tables for ERNIE's expert shapes, found before vLLM's own.
-        undo.append(envs.use_tuned_moe_configs())
         for arch, target in MODEL_CLASSES.items():
             undo.append(compat.register_model(arch, target))
         if envs.mtp_draft() == "plugin":

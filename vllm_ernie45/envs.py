@@ -35,10 +35,13 @@
     a typo here must not stop vLLM either.
 
 ``VLLM_TUNED_CONFIG_FOLDER`` (vLLM's own switch)
-    Where vLLM looks first for fused-MoE Triton tables. ``register()`` points it at the
-    plugin's tables for ERNIE's expert shapes (``vllm_ernie45/moe_configs``: e.g. 64 routed +
-    2 fused shared experts), which vLLM does not ship, unless it is already set; vLLM falls
-    back to its own tables after these.
+    Where vLLM looks first for fused-MoE Triton tables. Building an ERNIE MoE model points
+    it at the plugin's tables for ERNIE's expert shapes (``vllm_ernie45/moe_configs``: e.g. 64
+    routed + 2 fused shared experts), which vLLM does not ship, unless it is already set --
+    in that process only: ``register()``, which runs in every vLLM process, does not, so no
+    other model meets these tables (some shapes are another model's too, e.g. E=8,N=3584 is
+    Mixtral-8x7B under TP=4) and vLLM's LoRA and SSM ops, which read the same variable, are
+    untouched. vLLM falls back to its own tables after these.
 """
 
 from __future__ import annotations
@@ -99,8 +102,8 @@ def strict_registration() -> bool:
 
 
 def use_tuned_moe_configs() -> Callable[[], None]:
-    """``VLLM_TUNED_CONFIG_FOLDER`` -> the plugin's tables, unless already set. Returns what
-    undoes it (``register()`` steps aside cleanly if a later step fails)."""
+    """``VLLM_TUNED_CONFIG_FOLDER`` -> the plugin's tables, unless already set (by the user).
+    Returns what undoes it."""
     if "VLLM_TUNED_CONFIG_FOLDER" in os.environ:
         return lambda: None
     os.environ["VLLM_TUNED_CONFIG_FOLDER"] = str(MOE_CONFIG_FOLDER)

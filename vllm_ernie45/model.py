@@ -50,6 +50,12 @@ class ErnieModel(nn.Module):
         # Keys config.json lacks are decided from the checkpoint's tensors first.
         config = resolve_hf_config(vllm_config.model_config, vllm_config.load_config.load_format)
         self.arch = arch = arch_from_config(config)
+        if arch.moe_layer_indices:
+            # The plugin's fused-MoE tables for ERNIE's expert shapes, in this process only: it
+            # serves an ERNIE MoE model, so no other model's kernels (nor vLLM's LoRA and SSM
+            # ops, which read the same variable) see them. Before vLLM freezes its environment
+            # cache, which it does after the model is built.
+            envs.use_tuned_moe_configs()
         quant_config = vllm_config.quant_config
         enable_eplb = vllm_config.parallel_config.enable_eplb
         rope_parameters = rope_parameters_for(arch, config)

@@ -56,6 +56,9 @@ def model_facts(model: Any) -> dict[str, Any]:
         "fused_shared": any(getattr(getattr(l, "mlp", None), "fused_shared", False) for l in layers),
         "num_shared_experts": getattr(getattr(model, "arch", None), "num_shared_experts", None),
         # what vLLM's runners read for a drafter's hidden states (None: the forward's output)
+        # where this worker's fused-MoE kernels look for tables first (the plugin's, in a
+        # process serving an ERNIE MoE model only)
+        "tuned_config_folder": os.environ.get("VLLM_TUNED_CONFIG_FOLDER"),
         "drafter_hidden_buffer": getattr(model, "get_mtp_target_hidden_states", lambda: None)() is not None,
     }
 
