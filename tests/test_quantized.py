@@ -48,11 +48,14 @@ MIXED = {
     r"model\.layers\.3\..*": "w4a16-asym-g128",
     r"model\.layers\.4\..*": "w8a8-int8",
 }
-# bf16 activations (vLLM's CPU WNA16 kernel) against HF's fp32 on the same dequantized
-# weights: measured max |logprob difference| 0.31 decode / 0.20 prefill over the top-5 of
-# every position; a wrong scale, zero point or shard moves them by nats (the unquantized
-# weights: 6.7 / 7.3) and flips tokens.
-HF_TOL = 0.75
+# bf16 activations (vLLM's CPU WNA16 kernel takes no fp32) against HF's fp32 on the same
+# dequantized weights. This tiny random model is sensitive in bf16: vLLM bf16 on an
+# *unquantized* sibling checkpoint differs from HF fp32 by up to 1.71 (max over every top-5
+# entry, mostly tail entries near -10); quantized siblings measured 0.2-2.2; this checkpoint
+# 0.31 decode / 0.20 prefill. A wrong scale, zero point or shard moves the logprobs by nats and
+# flips tokens early (the unquantized weights against the twin: 6.7 / 7.3, first token flip at
+# position 1). The exact check is the in-tree comparison below, and the loader mapping.
+HF_TOL = 2.5
 # Plugin and in-tree model: the same vLLM kernels on the same tensors (measured: 0).
 INTREE_TOL = 1e-3
 
@@ -91,7 +94,7 @@ def test_mixed_precision_checkpoint_matches_hf_on_dequantized_weights(mixed, tmp
     # The quantization is real: the unquantized weights give other logprobs.
     unquantized = compare(got, run_hf(str(base), default_prompts(1024), 8, 5, "float32", track=got))
     print("plugin vs HF (unquantized)", unquantized.summary())
-    assert max(unquantized.max_logprob_diff, unquantized.max_prompt_logprob_diff) > 2 * HF_TOL
+    assert not unquantized.tokens_equal and max(unquantized.max_logprob_diff, unquantized.max_prompt_logprob_diff) > HF_TOL
 
     intree = run_vllm_greedy(
         model, tmp_path / "intree.json", max_tokens=8, top_k=5, dtype="bfloat16", env={"VLLM_PLUGINS": ""}
