@@ -188,10 +188,10 @@ class ErnieMoE(nn.Module):
         # A pre-quantized checkpoint: shared experts run beside the fused call, quantized as
         # the checkpoint stores them (fusing them would slice packed weights and scales).
         prequantized = checkpoint_is_quantized(getattr(vllm_config.model_config, "hf_config", None))
-        self.fused_layout = fused_shared_layout(
-            arch, ep_size, enable_eplb,
-            envs.fuse_shared_experts(is_cuda, ep_size > 1) and not prequantized,
-        )
+        fuse = envs.fuse_shared_experts(is_cuda, ep_size > 1)
+        if fuse and prequantized and arch.num_shared_experts:
+            logger.info_once("Shared experts run beside the fused-MoE call: the checkpoint is pre-quantized.")
+        self.fused_layout = fused_shared_layout(arch, ep_size, enable_eplb, fuse and not prequantized)
         num_fused = arch.num_shared_experts if self.fused_shared else 0
 
         self.n_routed_experts = arch.num_experts
