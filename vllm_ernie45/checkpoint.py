@@ -242,7 +242,7 @@ def pt_schema(arch: ErnieArch, fused_shared: bool = False) -> CheckpointSchema:
     if arch.tie_word_embeddings:
         tensors[LM_HEAD] = TensorSpec((V, H), None, if_absent=OPTIONAL)
     else:
-        tensors[LM_HEAD] = TensorSpec((V, H), Target("lm_head", "weight"))
+        tensors[LM_HEAD] = TensorSpec((V, H), Target("lm_head", "weight"), linear=(V, H))
     if arch.lm_head_bias:
         tensors["lm_head.bias"] = TensorSpec((V,), Target("lm_head", "bias"))
 

@@ -147,6 +147,7 @@ def quantize_checkpoint(
     twin: str | Path | None = None,
     extra_ignore: tuple[str, ...] = (),
     kv_cache_scales: bool = False,
+    quantize_head: bool = False,
 ) -> Path:
     """``dst``: ``src`` (a tiny checkpoint, single-file or sharded) with the linear layers
     ``scheme`` targets compressed (:data:`SCHEMES`); ``twin``: the dequantized copy.
@@ -154,7 +155,8 @@ def quantize_checkpoint(
     ``scheme`` a dict: {module regex: scheme name}, one config group each (the first that
     matches a layer wins; a mixed-precision checkpoint, e.g. one scheme per decoder layer).
     ``kv_cache_scales``: an FP8 kv-cache scheme with static per-tensor ``self_attn.k_scale`` /
-    ``v_scale`` (as llm-compressor names them; values arbitrary)."""
+    ``v_scale`` (as llm-compressor names them; values arbitrary). ``quantize_head``: the
+    (untied) LM head quantized too."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -174,7 +176,8 @@ def quantize_checkpoint(
                 return qscheme
         return None
 
-    ignore = ["lm_head", ROUTER_IGNORE, *extra_ignore] + ([EXPERTS_IGNORE] if keep_experts else [])
+    ignore = ([] if quantize_head else ["lm_head"]) + [ROUTER_IGNORE, *extra_ignore]
+    ignore += [EXPERTS_IGNORE] if keep_experts else []
     shutil.copytree(src, dst)
     if twin is not None:
         shutil.copytree(src, twin)
