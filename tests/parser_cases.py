@@ -89,10 +89,22 @@ class Parsed:
 
 @dataclass
 class Streamed(Parsed):
+    # ``calls``: the streamed calls whose arguments are JSON (complete); ``broken``: those
+    # whose arguments never became JSON (cut off, or their JSON broke after the name was sent)
+    broken: list[tuple[str, str]] = field(default_factory=list)
     arg_deltas: dict[int, list[str]] = field(default_factory=dict)
-    # number of output tokens consumed when each call's name was first streamed
+    # number of output tokens consumed when each call's name was first streamed / completed
     name_at_token: dict[int, int] = field(default_factory=dict)
+    done_at_token: dict[int, int] = field(default_factory=dict)
     remaining_args: str = ""
+
+
+def is_json(text: str) -> bool:
+    try:
+        json.loads(text)  # strict: what an OpenAI client does
+    except ValueError:
+        return False
+    return True
 
 
 def parser_class(tool: bool, reasoning: bool):
@@ -166,6 +178,7 @@ def run_stream(
         ids.append(tokenizer.eos_token_id)
     reasoning, content = [], []
     calls: dict[int, dict[str, Any]] = {}
+    own_calls = request.tool_choice in (None, "auto", "none")  # not vLLM's "required" / named
     result = Streamed(None, None, [])
     full = []
     for start in range(0, len(ids), chunk):
@@ -192,15 +205,26 @@ def run_stream(
                 assert tc.index in calls, "arguments streamed before the call's name"
                 assert tc.function is not None and tc.function.name is None
             if tc.function and tc.function.arguments:
+                if own_calls:
+                    assert not is_json(calls[tc.index]["args"]), "arguments streamed after they were complete JSON"
                 calls[tc.index]["args"] += tc.function.arguments
                 result.arg_deltas.setdefault(tc.index, []).append(tc.function.arguments)
+                if is_json(calls[tc.index]["args"]):
+                    result.done_at_token[tc.index] = min(start + chunk, len(ids))
     tool_parser = parser.tool_parser
     if tool_parser is not None:
         result.remaining_args = tool_parser.get_remaining_unstreamed_args()
+        stream = getattr(tool_parser, "_stream", None)
+        if stream is not None and not tool_parser._whole:
+            # The client's view (arguments that parse) is the parser's (calls it completed).
+            done = [call.done for call in stream.started]
+            assert done == [is_json(calls[i]["args"]) for i in sorted(calls)], (done, calls)
     result.reasoning = "".join(reasoning) or None
     result.content = "".join(content) or None
-    result.calls = [(calls[i]["name"], calls[i]["args"]) for i in sorted(calls)]
-    result.ids = [calls[i]["id"] for i in sorted(calls)]
+    ordered = [calls[i] for i in sorted(calls)]
+    result.calls = [(c["name"], c["args"]) for c in ordered if is_json(c["args"])]
+    result.broken = [(c["name"], c["args"]) for c in ordered if not is_json(c["args"])]
+    result.ids = [c["id"] for c in ordered]
     return result, "".join(full)
 
 
@@ -224,8 +248,11 @@ def check_case(
     eos: bool = True,
     tools: bool = True,
     request_kwargs: dict | None = None,
+    broken: list[tuple[str, str]] | None = None,
 ) -> list[Streamed]:
-    """Non-streaming and streaming (token by token and in chunks) both give ``expected``."""
+    """Non-streaming and streaming (token by token and in chunks) both give ``expected``;
+    streaming also gives the ``broken`` calls (started, never complete: their arguments are
+    not JSON), unless asked for whole calls (``vllm_xargs``), which never sends them."""
     cls = parser_class(tool, reasoning)
     request = make_request(tools=tools, **(request_kwargs or {}))
     # The server lets the parsers adjust the request before generation.
@@ -248,8 +275,11 @@ def check_case(
             expected.content,
             expected.calls,
         ), f"streaming, {chunk} token(s) per step"
+        whole = ((request_kwargs or {}).get("vllm_xargs") or {}).get("ernie45_tool_stream") == "whole"
+        assert streamed.broken == ([] if whole else broken or []), f"broken calls, {chunk} token(s) per step"
         assert len(set(streamed.ids)) == len(streamed.ids) and all(streamed.ids)
-        if not request_kwargs:  # the parser's own calls; vLLM ids required/named calls later
+        if not (request_kwargs or {}).get("tool_choice"):
+            # the parser's own calls; vLLM ids required/named calls later
             assert len(set(full.ids)) == len(full.ids) and all(full.ids)
         assert streamed.remaining_args == "", "vLLM would append these at the end of the stream"
         results.append(streamed)
@@ -265,6 +295,9 @@ class Case:
     output: str
     content: str | None
     calls: list[tuple[str, str]] = field(default_factory=list)
+    # streaming only: calls whose name was sent but which never complete (their arguments
+    # as sent, never JSON); non-streaming returns their text as content
+    broken: list[tuple[str, str]] = field(default_factory=list)
 
 
 def args(obj: Any) -> str:
@@ -328,6 +361,12 @@ TOOL_CASES = [
         None,
         [("get_weather", '{"location": "北京", "unit": "c"}')],
     ),
+    Case(  # both keys: the first in the text counts (it is the one that streams)
+        "parameters_before_arguments",
+        '<tool_call>\n{"name": "get_time", "parameters": {"tz": "A"}, "arguments": {"tz": "B"}}\n</tool_call>',
+        None,
+        [("get_time", '{"tz": "A"}')],
+    ),
     Case(
         "arguments_before_name",
         '<tool_call>\n{"arguments": {"location": "Paris"}, "name": "get_weather"}\n</tool_call>',
@@ -376,6 +415,7 @@ TOOL_CASES = [
         "unclosed_block_cut_in_arguments",
         'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"location": "Bei',
         'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"location": "Bei',
+        broken=[("get_weather", '{"location": "Bei')],
     ),
     Case(
         "unclosed_block_cut_before_name",
@@ -498,16 +538,19 @@ TOOL_CASES += [
         "truncated_after_arguments_key",
         'Let me look.\n<tool_call>\n{"name": "get_weather", "argu',
         'Let me look.\n<tool_call>\n{"name": "get_weather", "argu',
+        broken=[("get_weather", "")],
     ),
     Case(
         "truncated_after_name",
         '<tool_call>\n{"name": "get_time"',
         '<tool_call>\n{"name": "get_time"',
+        broken=[("get_time", "")],
     ),
-    Case(
+    Case(  # arguments given as a JSON string are sent when the call is complete
         "truncated_inside_string_arguments",
         '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"UT',
         '<tool_call>\n{"name": "get_time", "arguments": "{\\"tz\\": \\"UT',
+        broken=[("get_time", "")],
     ),
     Case(
         "truncated_second_call",
@@ -515,6 +558,29 @@ TOOL_CASES += [
         '<tool_call>\n{"name": "get_weather", "arguments": {"loc',
         '<tool_call>\n{"name": "get_weather", "arguments": {"loc',
         [("get_time", "{}")],
+        broken=[("get_weather", '{"loc')],
+    ),
+    Case(  # the whole arguments value, bar its closing brace, was sent: still not JSON
+        "truncated_after_arguments_value",
+        '<tool_call>\n{"name": "send_message", "arguments": {"text": "hi"}',
+        '<tool_call>\n{"name": "send_message", "arguments": {"text": "hi"}',
+        broken=[("send_message", '{"text": "hi"')],
+    ),
+    # JSON that breaks after the name was sent: the call never completes (streaming) and
+    # the block is content (both)
+    Case(
+        "json_breaks_in_arguments",
+        '<tool_call>\n{"name": "send_message", "arguments": {"text": "hi",}}\n</tool_call>',
+        '<tool_call>\n{"name": "send_message", "arguments": {"text": "hi",}}\n</tool_call>',
+        broken=[("send_message", '{"text": "hi",')],
+    ),
+    Case(
+        "json_breaks_after_arguments",
+        'A\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"} "extra"}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+        'A\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"} "extra"}\n</tool_call>',
+        [("get_time", "{}")],
+        broken=[("get_time", '{"tz": "UTC"')],
     ),
 ]
 

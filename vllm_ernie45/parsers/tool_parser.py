@@ -1,16 +1,19 @@
 """``ernie45`` tool-call parser (``--tool-call-parser ernie45``): :class:`ToolCallStream`, one
-incremental state machine over ``<tool_call>`` blocks, which non-streaming feeds the whole text.
+incremental state machine over ``<tool_call>`` blocks, which non-streaming feeds the whole text;
+a streamed call's name as soon as it is complete, then its arguments as they are written.
 Rules: docs/parsers.md.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from vllm_ernie45 import compat
-from vllm_ernie45.parsers.call_json import JSON_WS, ObjectText, parse_call
+from vllm_ernie45.parsers.call_json import JSON_WS, CallObject, parse_call
 from vllm_ernie45.parsers.framing import (
     RESPONSE_END,
     RESPONSE_START,
@@ -29,6 +32,33 @@ FunctionCall = _protocol.FunctionCall
 ToolCall = _protocol.ToolCall
 
 _MARKERS = (TOOL_CALL_START, TOOL_CALL_END, RESPONSE_START, RESPONSE_END)
+
+logger = logging.getLogger(__name__)
+
+# How a streamed call is delivered (docs/parsers.md): per request, ``"vllm_xargs":
+# {"ernie45_tool_stream": "whole"}``; server-wide default, this environment variable.
+TOOL_STREAM_ENV = "VLLM_ERNIE45_TOOL_STREAM"
+TOOL_STREAM_XARG = "ernie45_tool_stream"
+INCREMENTAL, WHOLE = "incremental", "whole"
+
+
+def tool_stream_mode(request: Any = None) -> str:
+    """``"incremental"`` (default: name first, then the arguments as written) or ``"whole"``
+    (each call in one delta once complete): the request's ``vllm_xargs["ernie45_tool_stream"]``,
+    else ``$VLLM_ERNIE45_TOOL_STREAM``. Other values are ignored with a warning (a parser
+    never fails a request)."""
+    xargs = getattr(request, "vllm_xargs", None)
+    for where, value in (
+        (f"vllm_xargs.{TOOL_STREAM_XARG}", xargs.get(TOOL_STREAM_XARG) if isinstance(xargs, dict) else None),
+        (TOOL_STREAM_ENV, os.environ.get(TOOL_STREAM_ENV)),
+    ):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        mode = str(value).strip().lower()
+        if mode in (INCREMENTAL, WHOLE):
+            return mode
+        logger.warning("%s=%r is not %r or %r; ignored", where, value, INCREMENTAL, WHOLE)
+    return INCREMENTAL
 
 
 def new_tool_call_id() -> str:
@@ -51,13 +81,23 @@ def tool_names(tools: Any) -> set[str]:
 
 
 class _Call:
-    __slots__ = ("index", "id", "name", "arguments")
+    """A call that has started streaming (``index``: its place in the stream; ``sent``: its
+    arguments streamed so far); ``done`` once complete, with ``arguments``."""
 
-    def __init__(self, index: int, name: str, arguments: str) -> None:
+    __slots__ = ("index", "id", "name", "arguments", "sent_parts", "sent_len", "done")
+
+    def __init__(self, index: int, name: str) -> None:
         self.index = index
         self.id = new_tool_call_id()
         self.name = name
-        self.arguments = arguments
+        self.arguments = ""
+        self.sent_parts: list[str] = []  # the object's args_parts sent so far
+        self.sent_len = 0  # their total length
+        self.done = False
+
+    @property
+    def sent(self) -> str:
+        return "".join(self.sent_parts)
 
 
 # modes: outside blocks; inside a block (JSON); inside a block after junk that followed a call
@@ -67,13 +107,19 @@ _TEXT, _BLOCK, _TAIL = range(3)
 class ToolCallStream:
     """Incremental ``<tool_call>`` parser.
 
-    ``feed(text)`` / ``finish()`` return events in text order: ``("content", text)`` and
-    ``("call", index, id, name, arguments)`` -- a call only once it is complete.
+    ``feed(text)`` / ``finish()`` return events: ``("content", text)``; ``("start", index, id,
+    name)`` when a call's name is complete, ``("args", index, text)`` as its arguments are
+    written, ``("end", index)`` once the call is complete. The ``args`` texts of a call
+    concatenate to its final ``arguments``; they become valid JSON only with the last one,
+    sent with ``end``. A call that started but never ends (cut off, or its JSON broke) gets
+    no further event; content is the same as if it had never started. ``calls``: the
+    complete calls (what non-streaming returns).
     """
 
     def __init__(self, names: set[str] | None = None) -> None:
         self.names = names or set()
-        self.calls: list[_Call] = []
+        self.calls: list[_Call] = []  # complete
+        self.started: list[_Call] = []  # every call that started streaming, by index
         self.mode = _TEXT
         self.pending = ""  # the start of a marker at the end of the last text, held back
         self.held = ""  # whitespace after the last content (or leading), not yet emitted
@@ -101,6 +147,7 @@ class ToolCallStream:
         return self._take()
 
     def _take(self) -> list[tuple]:
+        self._send_args()
         events, self._events = self._events, []
         return events
 
@@ -195,22 +242,32 @@ class ToolCallStream:
         self.list_state = 0  # 0: no list, 1: inside "[...]", 2: after it
         self.seen_item = False
         self.item_ws = ""  # whitespace between objects
-        self.item: ObjectText | None = None  # the JSON object being read
+        self.item: CallObject | None = None  # the JSON object being read
+        self.item_call: _Call | None = None  # the call that object started streaming
 
     def _block_char(self, c: str) -> None:
         self.raw.append(c)
         item = self.item
         if item is not None:
-            if item.add(c):
+            event = item.add(c)
+            if event == "close":
+                self._send_args()
                 self.item = None
                 text = item.text
-                self._end_item(text, parse_call(text, self.names))
+                self._end_item(text, self._judge(item, text))
+            elif event == "name" and item.valid and (not self.names or item.name in self.names):
+                # The name is complete: the call starts streaming (it cannot be taken back).
+                call = _Call(len(self.started), item.name)  # type: ignore[arg-type]
+                self.started.append(call)
+                self.item_call = call
+                self._events.append(("start", call.index, call.id, call.name))
             return
         if c in JSON_WS:
             if self.seen_item:
                 self.item_ws += c
         elif c == "{":
-            self.item = ObjectText()
+            self.item = CallObject()
+            self.item_call = None
         elif c == "[" and self.list_state == 0 and not self.seen_item:
             self.list_state = 1
         elif c == "]" and self.list_state == 1:
@@ -228,8 +285,30 @@ class ToolCallStream:
         self.mode = _TEXT
         self._text("".join(self.raw))
 
+    def _send_args(self) -> None:
+        """Stream what the open object's arguments have grown by."""
+        call = self.item_call
+        if call is not None and self.item is not None:
+            parts = self.item.args_parts
+            if len(parts) > len(call.sent_parts):
+                new = "".join(parts[len(call.sent_parts) :])
+                call.sent_parts.extend(parts[len(call.sent_parts) :])
+                call.sent_len += len(new)
+                self._events.append(("args", call.index, new))
+
+    def _judge(self, item: CallObject, text: str) -> tuple[str, str] | None:
+        """The complete object ``text`` as a call; one that started streaming only with the
+        name it was streamed under and arguments that go on from what was sent."""
+        call = parse_call(text, self.names)
+        started = self.item_call
+        if started is not None and call is not None:
+            if call[0] != started.name or not call[1].startswith(started.sent):
+                return None  # not expected to happen: the stream and the text disagree
+        return call
+
     def _end_item(self, text: str, call: tuple[str, str] | None) -> None:
         ws, self.item_ws = self.item_ws, ""
+        started, self.item_call = self.item_call, None
         self.seen_item = True
         if call is None:  # judged like a block of its own: its text is content
             if self.block_calls:
@@ -246,22 +325,33 @@ class ToolCallStream:
         if self.sep is None:
             self.sep = self.held
         self.held = ""
-        new = _Call(len(self.calls), *call)
+        new = started
+        if new is None:  # complete before its name could stream: it starts and ends here
+            new = _Call(len(self.started), call[0])
+            self.started.append(new)
+            self._events.append(("start", new.index, new.id, new.name))
+        rest = call[1][new.sent_len :]
+        if rest:
+            self._events.append(("args", new.index, rest))
+        new.arguments = call[1]
+        new.done = True
         self.calls.append(new)
-        self._events.append(("call", new.index, new.id, new.name, new.arguments))
+        self._events.append(("end", new.index))
 
     def _end_block(self, marker: str, explicit: bool) -> None:
         """``</tool_call>`` or a new ``<tool_call>`` (explicit), or the end of the text."""
         if self.item is not None:
+            self._send_args()
             item, self.item = self.item, None
             text = item.text
             # The model closed the block without the object's last "}": supply it. Not at
             # the end of the text: the output was cut off, the call is unfinished.
             call = None
             if explicit and item.depth == 1:
-                call = parse_call(text + "}", self.names)
+                call = self._judge(item, text + "}")
             if call is not None or self.block_calls:
                 self._end_item(text, call)
+        self.item_call = None
         self.mode = _TEXT
         if not self.block_calls:  # never a call: the block is content, as written
             self._text("".join(self.raw) + marker)
@@ -282,6 +372,9 @@ class Ernie45ToolParser(_ToolParser):
     def __init__(self, tokenizer: Any, tools: list | None = None) -> None:
         super().__init__(tokenizer, tools)
         self._stream: ToolCallStream | None = None
+        self._whole = False
+        self._pending: dict[int, list[str]] = {}  # whole mode: [id, name, arguments] per call
+        self._out_index: dict[int, int] = {}  # the machine's call index -> the client's
 
     def adjust_request(self, request: Any) -> Any:
         request = super().adjust_request(request)
@@ -322,6 +415,7 @@ class Ernie45ToolParser(_ToolParser):
     ) -> Any:
         if self._stream is None:
             self._stream = ToolCallStream(self._names(request))
+            self._whole = tool_stream_mode(request) == WHOLE
             self.engine_based_streaming = True  # ask vLLM for the end-of-stream flush
         return self._delta(self._stream.feed(delta_text))
 
@@ -332,27 +426,57 @@ class Ernie45ToolParser(_ToolParser):
 
     def _delta(self, events: list[tuple]) -> Any:
         content = "".join(e[1] for e in events if e[0] == "content")
-        tool_calls = []
+        # per client index, in order: [id, name, arguments] (id and name only on a call's first)
+        parts: dict[int, list[Any]] = {}
         for event in events:
-            if event[0] != "call":
-                continue
-            _, index, call_id, name, arguments = event
-            # vLLM's end-of-stream check (get_remaining_unstreamed_args) compares these two.
-            self.prev_tool_call_arr.append({"name": name, "arguments": arguments})
-            self.streamed_args_for_tool.append(arguments)
-            self.current_tool_id = index
-            self.current_tool_name_sent = True
-            tool_calls.append(
-                DeltaToolCall(
-                    index=index,
-                    id=call_id,
-                    type="function",
-                    function=DeltaFunctionCall(name=name, arguments=arguments),
-                )
+            kind = event[0]
+            if kind == "start":
+                _, index, call_id, name = event
+                if self._whole:
+                    self._pending[index] = [call_id, name, ""]
+                else:
+                    self._open(index, call_id, name, parts)
+            elif kind == "args":
+                _, index, text = event
+                if self._whole:
+                    self._pending[index][2] += text
+                else:
+                    self._add_args(index, text, parts)
+            elif kind == "end" and self._whole:
+                call_id, name, arguments = self._pending.pop(event[1])
+                self._open(event[1], call_id, name, parts)
+                self._add_args(event[1], arguments, parts)
+        tool_calls = [
+            DeltaToolCall(
+                index=index,
+                id=call_id,
+                type="function",
+                function=DeltaFunctionCall(name=name, arguments=arguments),
             )
+            if call_id is not None
+            else DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=arguments))
+            for index, (call_id, name, arguments) in parts.items()
+        ]
         if not content and not tool_calls:
             return None
         return DeltaMessage(content=content or None, tool_calls=tool_calls)
+
+    def _open(self, index: int, call_id: str, name: str, parts: dict[int, list[Any]]) -> None:
+        """A call's first delta: its index, id and name (arguments "" so far, as OpenAI sends)."""
+        out = self._out_index[index] = len(self.prev_tool_call_arr)
+        # vLLM's end-of-stream check (get_remaining_unstreamed_args) compares these two;
+        # both always hold what the client has received.
+        self.prev_tool_call_arr.append({"name": name, "arguments": ""})
+        self.streamed_args_for_tool.append("")
+        self.current_tool_id = out
+        self.current_tool_name_sent = True
+        parts[out] = [call_id, name, ""]
+
+    def _add_args(self, index: int, text: str, parts: dict[int, list[Any]]) -> None:
+        out = self._out_index[index]
+        self.streamed_args_for_tool[out] += text
+        self.prev_tool_call_arr[out]["arguments"] = self.streamed_args_for_tool[out]
+        parts.setdefault(out, [None, None, ""])[2] += text
 
 
 __all__ = ["Ernie45ToolParser", "ToolCallStream"]
