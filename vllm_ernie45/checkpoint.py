@@ -9,8 +9,9 @@ A :class:`CheckpointSchema` names every tensor of one checkpoint format and says
   (:class:`Stack`: one shard of a merged parameter -- q/k/v of ``qkv_proj``, gate/up of
   ``gate_up_proj``, one expert of the fused experts; :class:`Split`: cut into several
   experts of the fused MoE);
-* what its absence means (:data:`REQUIRED`, :data:`OPTIONAL`, or :data:`ZEROS`: the
-  parameter is zero, as the reference initialises it).
+* what its absence means (:data:`REQUIRED`, :data:`OPTIONAL`, :data:`ZEROS`: the
+  parameter is zero, as the reference initialises it, or :data:`IF_FORMAT_HAS`: required
+  where the checkpoint has that kind of tensor elsewhere -- quantized checkpoints).
 
 :mod:`vllm_ernie45.loader` reads every schema the same way, so a new checkpoint format is a
 new schema function here. Two exist: :func:`pt_schema` (the -PT main model) and
@@ -25,6 +26,11 @@ from dataclasses import dataclass, field
 from vllm_ernie45.config import ErnieArch
 
 REQUIRED, OPTIONAL, ZEROS = "required", "optional", "zeros"
+# Required where the checkpoint stores this kind of tensor (its last name component, e.g.
+# ``weight_zero_point``) for any layer: a parameter a quantization method registers that the
+# format may not store at all (vLLM fills it: ``g_idx_sort_indices``, ``g_idx`` without
+# activation ordering), but that a checkpoint storing it must store for every layer.
+IF_FORMAT_HAS = "if_format_has"
 
 
 class CheckpointError(ValueError):

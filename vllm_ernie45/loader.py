@@ -31,6 +31,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from vllm_ernie45.checkpoint import (
+    IF_FORMAT_HAS,
     REQUIRED,
     ZEROS,
     CheckpointError,
@@ -275,7 +276,13 @@ def load_with_schema(
             loaded.add(found[0])
 
     absent = [n for n in schema.tensors if n not in seen]
-    missing = [n for n in absent if schema.tensors[n].if_absent == REQUIRED]
+    kinds = {n.rsplit(".", 1)[-1] for n in seen}
+    missing = [
+        n
+        for n in absent
+        if schema.tensors[n].if_absent == REQUIRED
+        or (schema.tensors[n].if_absent == IF_FORMAT_HAS and n.rsplit(".", 1)[-1] in kinds)
+    ]
     if missing:
         raise CheckpointError(schema.missing.format(missing=_listed(missing)))
     zeroed = [n for n in absent if schema.tensors[n].if_absent == ZEROS]

@@ -15,6 +15,12 @@ target layer registered more than ``weight``, replaces it by one spec per regist
 * a fused-MoE parameter ``w13_p`` is ``experts.{e}.gate_proj.p`` and ``experts.{e}.up_proj.p``
   (shards w1 / w3), ``w2_p`` is ``experts.{e}.down_proj.p``, each placed by the fused-MoE
   weight loader with its expert id, as vLLM's ``make_expert_params_mapping`` maps them;
+* a registered parameter is required where the checkpoint stores that kind of tensor
+  (``weight_zero_point``, ``input_scale``, ``g_idx`` ...) for any layer, and otherwise left
+  to vLLM, which fills what a format does not store (``g_idx_sort_indices``; ``g_idx`` without
+  activation ordering, as vLLM 0.26's GPTQ-Marlin / compressed-tensors MoE methods register
+  them): a layer lacking a tensor the others have is an error, as vLLM's loader is lenient
+  about quantized parameters altogether;
 * names vLLM's quantization config maps away (its ``get_checkpoint_weight_mapper``: e.g. an
   unused ``g_idx``) are not expected; names it renames (its ``get_cache_scale_mapper``:
   ``self_attn.k_proj.k_scale`` -> ``self_attn.attn.k_scale``) are renamed before the schema
@@ -42,6 +48,7 @@ import torch
 from torch import nn
 
 from vllm_ernie45.checkpoint import (
+    IF_FORMAT_HAS,
     OPTIONAL,
     CheckpointError,
     CheckpointSchema,
@@ -183,7 +190,6 @@ def specialise(schema: CheckpointSchema, model: nn.Module, quant_config: Any) ->
         if isinstance(place, Stack) and place.expert is not None:
             prefix = _EXPERT_PARAM_PREFIX[str(place.shard)]
             own = {p.removeprefix(prefix): p for p in params if p.startswith(prefix)}
-            own = {s: p for s, p in own.items() if not s.endswith("bias")}
             if set(own) == {"weight"}:
                 tensors[name] = spec
                 continue
@@ -191,7 +197,9 @@ def specialise(schema: CheckpointSchema, model: nn.Module, quant_config: Any) ->
                 ckpt = f"{stem}.{suffix}"
                 if _dropped_by_mapper(quant_config, ckpt):
                     continue
-                tensors[ckpt] = TensorSpec(None, Target(spec.target.module, param_name), place)
+                tensors[ckpt] = TensorSpec(
+                    None, Target(spec.target.module, param_name), place, if_absent=IF_FORMAT_HAS
+                )
             continue
         if getattr(place, "pieces", None) is not None:  # Split: fused shared experts
             own = [p for p in params if p.startswith(_EXPERT_PARAM_PREFIX[place.shard])]
@@ -212,7 +220,9 @@ def specialise(schema: CheckpointSchema, model: nn.Module, quant_config: Any) ->
                 continue
             shape = _linear_shape(param, module, spec.linear)
             stored_as = (Reshape(()),) if shape == (1,) else ()
-            tensors[ckpt] = TensorSpec(shape, Target(spec.target.module, suffix), place, stored_as)
+            tensors[ckpt] = TensorSpec(
+                shape, Target(spec.target.module, suffix), place, stored_as, if_absent=IF_FORMAT_HAS
+            )
     # kv-cache (and attention) scales: optional, vLLM defaults them.
     for name, spec in schema.tensors.items():
         if spec.target is None or not name.endswith(".self_attn.q_proj.weight"):
