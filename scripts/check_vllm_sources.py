@@ -814,7 +814,7 @@ class Checker:
             self.add("MISSING", dotted)
             return
         attrs = self.all_attrs(req)
-        for name in ("skip_special_tokens", "tools", "chat_template_kwargs", "include_reasoning"):
+        for name in ("skip_special_tokens", "tools", "chat_template_kwargs", "include_reasoning", "vllm_xargs"):
             loc = attrs.get(name)
             if loc is None:
                 self.add("MISSING", f"ChatCompletionRequest.{name}", req)

@@ -26,6 +26,11 @@
     ``pre_norm`` (default): the plugin's MTP draft gets the target's last hidden state before
     the final norm, as ERNIE's training code feeds it; ``post_norm``: after it (FastDeploy's
     choice). vLLM's in-tree draft always gets the post-norm state it is built for.
+``VLLM_ERNIE45_TOOL_STREAM``
+    How the ``ernie45`` tool parser streams a call: ``incremental`` (default) -- the call's
+    index, id and name first, then its arguments as the model writes them; ``whole`` -- each
+    call in one delta once complete. Per request: ``"vllm_xargs": {"ernie45_tool_stream":
+    "whole"}``. Read by ``vllm_ernie45.parsers.tool_parser`` (docs/parsers.md).
 ``VLLM_ERNIE45_STRICT``
     ``0`` (default): where the plugin cannot serve the installed vLLM (a version outside the
     supported range, or a vLLM API that moved so that ``register()`` fails), it logs one
