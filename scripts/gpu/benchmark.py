@@ -1,22 +1,41 @@
 #!/usr/bin/env python3
-"""Same-run benchmark: vLLM's in-tree ERNIE model vs the plugin's, on one GPU.
+"""Same-call benchmark: vLLM's in-tree ERNIE model vs the plugin's, on one GPU.
+
+RULE: a change to a hot path (vllm_ernie45/layers.py, routing*.py, model.py's forward, the
+fused-MoE tables in vllm_ernie45/moe_configs/, anything a forward step runs) lands only with
+all four scenarios (bs1, bs32, bs1000, prefill) measured against in-tree in ONE call of this
+script on the GPU it targets, with --repeats 3 or more, first run and steady state both
+reported (docs/performance.md, "Benchmark discipline"). Issue 29: after hot-path changes
+measured at batch 1 alone, single runs on an H200 read 0.74x at 1000 x 512/256 and nobody could
+tell code, first-use compiles and machine apart.
 
 Each implementation runs in its own process (the in-tree one with ``VLLM_PLUGINS=`` so the
 plugin is not loaded; plugin variants with their ``VLLM_ERNIE45_*`` switches), one after
-the other, on the full-size config with ``load_format=dummy``, greedy, ``ignore_eos``,
-random prompt token ids. Scenarios (``--scenarios``):
+the other, each with its own vLLM compile cache and Triton cache (so neither reuses the
+other's compiled kernels or graphs, and each pays its own first-use costs), on the full-size
+config with ``load_format=dummy``. The engine and the prompts are those of the reference
+script (``../shared/bench/reference_bench.py``): max_num_seqs 256, max_model_len 4096,
+gpu_memory_utilization 0.88, greedy, ``ignore_eos``, random prompt ids in [3, 100000) from one
+``random.Random(0)`` stream, fresh prompts for every run, an 8 x 64/16 warm-up, then the
+scenarios in this order (``--scenarios`` picks a subset, order kept):
 
     startup   seconds from LLM() to ready (torch.compile + CUDA graphs)
     bs1       1 x (128 in / 256 out): ms per output token
     bs32      32 x (512 / 256): output tok/s
-    bs1000    1000 x (512 / 256): output and total tok/s
+    bs1000    1000 x (512 / 256): output tok/s
     prefill   200 x (2048 / 32): total tok/s
 
-    python scripts/gpu/benchmark.py --config ../shared/gpu/ernie-4.5-21b-a3b-pt.config.json \
-        --impls intree,plugin --out out/bench.json
+Every scenario runs ``--repeats`` times in a row on the same engine (1000 x 512/256 too). Run 1
+is the first use of that shape in the process (it pays any Triton JIT compile the warm-up did
+not); the report gives it apart from the steady state, the median of runs 2.. with their
+min-max spread. vLLM's kernel JIT monitor runs verbose, and the compiles each run paid are
+counted from the engine's log (``jit``).
 
-Prints a table with plugin / in-tree ratios and writes JSON; ``scripts/gpu/plot_benchmark.py``
-draws the PNG.
+    python scripts/gpu/benchmark.py --config ../shared/gpu/ernie-4.5-21b-a3b-pt.config.json \
+        --impls intree,plugin --repeats 3 --out out/bench.json
+
+Prints a table with plugin / in-tree ratios (first run and steady state) and writes JSON;
+``scripts/gpu/plot_benchmark.py`` draws the PNG (steady state).
 """
 
 from __future__ import annotations
@@ -26,6 +45,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +58,10 @@ from vllm_ernie45.child_run import ChildFailed, close_llm, judge_child, write_re
 IMPLS = {
     "intree": {"VLLM_PLUGINS": ""},
     "plugin": {},
+    # Issue 29: the plugin without its start-up compile of the eager fused-MoE kernels (d1095ec's behaviour).
+    "plugin-nowarmup": {"VLLM_ERNIE45_MOE_WARMUP": "0"},
+    # The plugin on vLLM's own fused-MoE tables / default configs instead of its tuned ones.
+    "plugin-notables": {"VLLM_TUNED_CONFIG_FOLDER": "/nonexistent-vllm-ernie45-tables"},
     "plugin-torchrouter": {"VLLM_ERNIE45_ROUTER": "torch"},
     "plugin-unfused": {"VLLM_ERNIE45_FUSE_SHARED_EXPERTS": "0"},
     # Under --enable-expert-parallel: shared experts fused, one slice per rank (EP=2).
@@ -53,22 +77,42 @@ IMPLS = {
 
 
 def impl_env(name: str) -> dict[str, str]:
-    """The environment of implementation NAME's process: its switches, and a compile cache of
-    its own -- vLLM's cache key leaves out the plugin's switches, so two implementations that
-    share a cache could run each other's compiled graph."""
-    root = os.environ.get("VLLM_CACHE_ROOT") or os.path.expanduser("~/.cache/vllm")
-    return {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
-            "VLLM_CACHE_ROOT": os.path.join(root, f"impl-{name}"), **IMPLS[name]}
+    """The environment of implementation NAME's process: its switches, and compile caches of
+    its own -- vLLM's (its cache key leaves out the plugin's switches, so two implementations
+    that share a cache could run each other's compiled graph) and Triton's (so neither finds
+    the other's kernels compiled, and each pays its own first-use compiles, as on a fresh
+    machine; the reference script shares both, so a second process there starts warmer)."""
+    root = os.path.join(os.environ.get("VLLM_CACHE_ROOT") or os.path.expanduser("~/.cache/vllm"), f"impl-{name}")
+    return {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", "VLLM_CACHE_ROOT": root,
+            "TRITON_CACHE_DIR": os.path.join(root, "triton"), **IMPLS[name]}
 
 
 SCENARIOS = ("startup", "bs1", "bs32", "bs1000", "prefill")
-# name -> (requests, input tokens, output tokens)
+# name -> (requests, input tokens, output tokens), in the reference script's order.
 SHAPES = {"bs1": (1, 128, 256), "bs32": (32, 512, 256), "bs1000": (1000, 512, 256), "prefill": (200, 2048, 32)}
+WARMUP = (8, 64, 16)
+MAX_NUM_SEQS = 256  # the reference script's engine
+JIT_MARK = "JIT compilation during inference"
+RUN_MARK = "@@bench-run "
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt_token_ids": [rng.randrange(10, vocab) for _ in range(length)]} for _ in range(n)]
+
+
+def _reference_prompts(rng: random.Random, n: int, length: int) -> list[dict]:
+    """The reference script's prompts: ids in [3, 100000) drawn from one shared stream."""
+    return [{"prompt_token_ids": [rng.randrange(3, 100000) for _ in range(length)]} for _ in range(n)]
+
+
+def summarize(runs: list[dict], key: str) -> dict:
+    """``runs`` of one scenario -> the first run and the steady state (median of runs 2..,
+    with min and max), for the entry ``key``; one run only: the steady state is that run."""
+    first = runs[0][key]
+    rest = [r[key] for r in runs[1:]] or [first]
+    return {"first": first, "median": statistics.median(rest), "min": min(rest), "max": max(rest),
+            "n_steady": len(runs) - 1}
 
 
 def child(args: argparse.Namespace) -> int:
@@ -78,7 +122,6 @@ def child(args: argparse.Namespace) -> int:
 
     model_dir = Path(tempfile.mkdtemp(prefix="ernie-bench-"))
     shutil.copy(args.config, model_dir / "config.json")
-    vocab = json.loads(Path(args.config).read_text())["vocab_size"]
     engine_args = dict(
         model=str(model_dir),
         load_format="dummy",
@@ -87,8 +130,10 @@ def child(args: argparse.Namespace) -> int:
         max_model_len=4096,
         gpu_memory_utilization=args.gpu_memory_utilization,
         seed=0,
-        enable_prefix_caching=False,
+        max_num_seqs=args.max_num_seqs,
     )
+    if args.jit_monitor_verbose:
+        engine_args["jit_monitor_verbose"] = True
     if args.quantization:
         engine_args["quantization"] = args.quantization
     if args.tensor_parallel_size > 1:
@@ -105,65 +150,102 @@ def child(args: argparse.Namespace) -> int:
         facts = llm.apply_model(model_facts)[0]
     except Exception as err:  # the in-tree run has no plugin loaded; facts are optional
         facts = {"note": f"apply_model failed: {err}"}
-    result: dict = {"impl": args.child, "startup_s": round(startup, 1), **facts}
+    result: dict = {"impl": args.child, "startup_s": round(startup, 1), "max_num_seqs": args.max_num_seqs,
+                    "repeats": args.repeats, **facts}
+    rng = random.Random(0)
 
+    def timed(name: str, n: int, prompt_len: int, out_len: int, rep: int) -> dict:
+        prompts = _reference_prompts(rng, n, prompt_len)
+        params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True, detokenize=False)
+        print(f"{RUN_MARK}start {name} {rep}", flush=True)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t
+        print(f"{RUN_MARK}end {name} {rep}", flush=True)
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        assert generated == n * out_len, (generated, n * out_len)
+        run = {"run": rep, "elapsed_s": round(elapsed, 3), "output_tok_s": round(generated / elapsed, 1),
+               "total_tok_s": round((generated + n * prompt_len) / elapsed, 1),
+               "ms_per_token": round(1000 * elapsed / out_len, 3)}
+        print(f"[{args.child}] {name} run {rep}: {run}", flush=True)
+        return run
+
+    timed("warmup", *WARMUP, 1)
     for scenario in args.scenarios:
         if scenario == "startup":
             continue
         n, prompt_len, out_len = SHAPES[scenario]
-        prompts = _prompts(n, prompt_len, vocab, seed=1)
-        params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True, detokenize=False)
-        llm.generate(_prompts(min(n, 8), prompt_len, vocab, seed=2), params, use_tqdm=False)  # warm-up
-        times = []
-        for _ in range(args.repeats if scenario != "bs1000" else 1):
-            t0 = time.perf_counter()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            times.append(time.perf_counter() - t0)
-        elapsed = min(times)
-        generated = sum(len(o.outputs[0].token_ids) for o in outs)
-        assert generated == n * out_len, (generated, n * out_len)
-        entry = {"elapsed_s": round(elapsed, 3), "output_tok_s": round(generated / elapsed, 1),
-                 "total_tok_s": round((generated + n * prompt_len) / elapsed, 1)}
-        if scenario == "bs1":
-            entry["ms_per_token"] = round(1000 * elapsed / out_len, 3)
+        runs = [timed(scenario, n, prompt_len, out_len, rep) for rep in range(1, args.repeats + 1)]
+        key = HEADLINE_KEY[scenario]
+        # Top-level keys: the steady state (median of runs 2..), as headline() reads them.
+        entry = {k: statistics.median([r[k] for r in (runs[1:] or runs)])
+                 for k in ("elapsed_s", "output_tok_s", "total_tok_s", "ms_per_token")}
+        entry.update({"runs": runs, "first": runs[0], "summary": summarize(runs, key)})
         result[scenario] = entry
-        print(f"[{args.child}] {scenario}: {entry}", flush=True)
     write_result(args.out, result, close_llm(llm))
     return 0
 
 
-def headline(result: dict, scenario: str) -> float | None:
+HEADLINE_KEY = {"bs1": "ms_per_token", "bs32": "output_tok_s", "bs1000": "output_tok_s", "prefill": "total_tok_s"}
+
+
+def headline(result: dict, scenario: str, which: str = "steady") -> float | None:
+    """A scenario's number: ``steady`` (median of runs 2..; the only run in older JSON),
+    ``first`` (run 1), ``min`` / ``max`` (of runs 2..)."""
     if scenario == "startup":
         return result.get("startup_s")
     entry = result.get(scenario)
     if not entry:
         return None
-    key = {"bs1": "ms_per_token", "bs32": "output_tok_s", "bs1000": "output_tok_s",
-           "prefill": "total_tok_s"}[scenario]
-    return entry[key]
+    key = HEADLINE_KEY[scenario]
+    if which == "steady" or "summary" not in entry:
+        return entry[key]
+    return entry["summary"][which]
 
 
 UNITS = {"startup": "s (lower is better)", "bs1": "ms/token (lower)", "bs32": "out tok/s",
          "bs1000": "out tok/s", "prefill": "total tok/s"}
 
 
+def _ratio(scenario: str, base: float | None, value: float | None) -> str:
+    if not base or not value:
+        return ""
+    # speed-up: >1 means the implementation is faster
+    return f"{(base / value if scenario in ('startup', 'bs1') else value / base):.3f}×"
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:,.3f}" if v < 100 else f"{v:,.1f}"
+
+
 def table(results: dict[str, dict], scenarios: list[str], base: str = "intree") -> str:
+    """One row per scenario and phase (run 1; steady state = median of runs 2.. [min-max]),
+    one column per implementation, then each one's ratio to ``base``."""
     impls = list(results)
-    lines = ["| scenario | unit | " + " | ".join(impls) + " | " +
-             " | ".join(f"{i} ÷ {base}" for i in impls if i != base) + " |"]
-    lines.append("|" + "---|" * (2 + len(impls) + len([i for i in impls if i != base])))
+    others = [i for i in impls if i != base]
+    lines = ["| scenario | unit | phase | " + " | ".join(impls) + " | " +
+             " | ".join(f"{i} ÷ {base}" for i in others) + " |"]
+    lines.append("|" + "---|" * (3 + len(impls) + len(others)))
     for sc in scenarios:
-        vals = {i: headline(results[i], sc) for i in impls}
-        row = [sc, UNITS[sc]] + [("" if vals[i] is None else f"{vals[i]:,}") for i in impls]
-        for i in impls:
-            if i == base:
-                continue
-            b, v = vals.get(base), vals[i]
-            if not b or not v:
-                row.append("")
-            else:  # speed-up: >1 means the implementation is faster
-                row.append(f"{(b / v if sc in ('startup', 'bs1') else v / b):.3f}×")
-        lines.append("| " + " | ".join(row) + " |")
+        phases = [("", "steady")] if sc == "startup" else [("run 1", "first"), ("steady", "steady")]
+        for label, which in phases:
+            cells = []
+            for i in impls:
+                v = headline(results[i], sc, which)
+                cell = _fmt(v)
+                entry = results[i].get(sc)
+                if which == "steady" and isinstance(entry, dict) and "summary" in entry:
+                    s = entry["summary"]
+                    cell += f" [{_fmt(s['min'])}–{_fmt(s['max'])}]"
+                    jit = [r.get("jit", 0) for r in entry["runs"][1:]]
+                    if any(jit):
+                        cell += f" jit {sum(jit)}"
+                elif which == "first" and isinstance(entry, dict) and entry.get("first", {}).get("jit"):
+                    cell += f" jit {entry['first']['jit']}"
+                cells.append(cell)
+            ratios = [_ratio(sc, headline(results[base], sc, which) if base in results else None,
+                             headline(results[i], sc, which)) for i in others]
+            lines.append("| " + " | ".join([sc, UNITS[sc], label] + cells + ratios) + " |")
     return "\n".join(lines)
 
 
@@ -218,12 +300,57 @@ def run_child(name: str, cmd: list[str], env: dict, part: Path, results: dict) -
         print(f"[{name}] FAILED: {err}", flush=True)
 
 
+def run_child_counting_jit(name: str, cmd: list[str], env: dict, part: Path, results: dict) -> None:
+    """``run_child``, with the child's output (and its engine's) read line by line: echoed, and
+    the kernel JIT compiles vLLM logs counted per timed run (between the child's run markers)
+    into the result's ``runs[*]["jit"]``."""
+    t0 = time.perf_counter()
+    counts: dict[tuple[str, int], int] = {}
+    current: tuple[str, int] | None = None
+    outside = 0
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, errors="replace")
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        if line.startswith(RUN_MARK):
+            what, scenario, rep = line[len(RUN_MARK):].split()
+            current = (scenario, int(rep)) if what == "start" else None
+        elif JIT_MARK in line:
+            if current is None:
+                outside += 1
+            else:
+                counts[current] = counts.get(current, 0) + 1
+    returncode = proc.wait()
+    sys.stdout.flush()
+    print(f"[{name}] process finished rc={returncode} in {time.perf_counter() - t0:.0f} s; "
+          f"JIT compiles logged outside timed runs: {outside}", flush=True)
+    try:
+        result = judge_child(returncode, part)
+    except ChildFailed as err:
+        print(f"[{name}] FAILED: {err}", flush=True)
+        return
+    result["jit_outside_runs"] = outside
+    for scenario, entry in result.items():
+        if isinstance(entry, dict) and "runs" in entry:
+            for run in entry["runs"]:
+                run["jit"] = counts.get((scenario, run["run"]), 0)
+    results[name] = result
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = bench_parser(__doc__.splitlines()[0], ",".join(SCENARIOS), "out/bench.json")
-    parser.add_argument("--impls", default="intree,plugin")
+    rule = __doc__.split("\n\n")[1]
+    parser = bench_parser(__doc__.splitlines()[0] + " " + rule, ",".join(SCENARIOS), "out/bench.json")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--impls", default="intree,plugin",
+                        help="comma-separated, run in this order: " + ", ".join(IMPLS))
     parser.add_argument("--quantization", default=None)
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--enable-expert-parallel", action="store_true")
+    parser.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS,
+                        help="engine max_num_seqs (default %(default)s, the reference script's)")
+    parser.add_argument("--no-jit-monitor-verbose", dest="jit_monitor_verbose", action="store_false",
+                        help="do not ask vLLM to log every kernel JIT compile (then only the first is logged)")
     args = parse_bench_args(parser, argv)
     if args.child:
         return child(args)
@@ -234,15 +361,17 @@ def main(argv: list[str] | None = None) -> int:
         cmd = child_command(__file__, impl, args, part)
         if args.quantization:
             cmd += ["--quantization", args.quantization]
-        cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+        cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size), "--max-num-seqs", str(args.max_num_seqs)]
         if args.enable_expert_parallel:
             cmd.append("--enable-expert-parallel")
-        run_child(impl, cmd, impl_env(impl.split("@")[0]), part, results)
+        if not args.jit_monitor_verbose:
+            cmd.append("--no-jit-monitor-verbose")
+        run_child_counting_jit(impl, cmd, impl_env(impl.split("@")[0]), part, results)
     base = "intree" if "intree" in results else next(iter(results), "intree")
     report = {"config": args.config, "dtype": args.dtype, "quantization": args.quantization,
               "tensor_parallel_size": args.tensor_parallel_size,
-              "enable_expert_parallel": args.enable_expert_parallel,
-              "results": results, "table": table(results, args.scenarios, base)}
+              "enable_expert_parallel": args.enable_expert_parallel, "max_num_seqs": args.max_num_seqs,
+              "repeats": args.repeats, "results": results, "table": table(results, args.scenarios, base)}
     report.update(gpu_facts())
     out.write_text(json.dumps(report, indent=1))
     print(report["table"])
