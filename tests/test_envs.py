@@ -24,12 +24,13 @@ def test_quant_scope(monkeypatch):
         (lambda: envs.router_backend(True), "VLLM_ERNIE45_ROUTER", "triton", "torch"),
         (lambda: envs.mtp_draft(), "VLLM_ERNIE45_MTP_DRAFT", "plugin", "intree"),
         (lambda: envs.mtp_hidden_state(), "VLLM_ERNIE45_MTP_HIDDEN", "pre_norm", "post_norm"),
+        (lambda: envs.moe_warmup(), "VLLM_ERNIE45_MOE_WARMUP", True, False),
     ],
 )
 def test_choices(monkeypatch, read, name, default, other):
     monkeypatch.delenv(name, raising=False)
     assert read() == default
-    monkeypatch.setenv(name, other.upper())
+    monkeypatch.setenv(name, {True: "1", False: "0"}.get(other, str(other)).upper())
     assert read() == other
     monkeypatch.setenv(name, "nonsense")
     with pytest.raises(ValueError, match=name):

@@ -18,6 +18,14 @@
     stay in the checkpoint's dtype. For online quantization of a bf16 checkpoint (e.g.
     ``--quantization fp8`` with ``VLLM_TEST_FORCE_FP8_MARLIN=1``, weight-only FP8 experts for
     batch-1 decode); a pre-quantized checkpoint needs ``all``.
+``VLLM_ERNIE45_MOE_WARMUP``
+    ``1`` (default): on CUDA (one GPU or tensor parallelism; not under expert parallelism or
+    EPLB), compile at engine start the fused-MoE Triton kernels that prefill and mixed steps
+    (token counts above the CUDA-graph sizes) will launch -- each distinct table entry and
+    integer specialisation once -- to keep JIT compiles out of requests (issue 29;
+    ``vllm_ernie45.moe_warmup``; on an H100 the gate/up launches no longer compiled inside
+    requests, some down-projection launches still did). Costs start-up time on a cold Triton
+    cache (8.5 s for the H100 table). ``0``: off.
 ``VLLM_ERNIE45_MTP_DRAFT``
     ``plugin`` (default): MTP speculative decoding (``speculative_config`` method ``mtp``)
     drafts with this plugin's compiled MTP head (``vllm_ernie45.mtp``); ``intree``: with
@@ -92,6 +100,10 @@ def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:
 
 def quant_scope() -> str:
     return _choice("VLLM_ERNIE45_QUANT_SCOPE", "all", ("all", "experts"))
+
+
+def moe_warmup() -> bool:
+    return _choice("VLLM_ERNIE45_MOE_WARMUP", "1", ("0", "1")) == "1"
 
 
 def mtp_draft() -> str:

@@ -241,6 +241,13 @@ class ErnieMoE(nn.Module):
             shared_experts=self.shared_experts,
             router_logits_dtype=torch.float32,
         )
+        # Issue 29: the fused-MoE kernels of the eager (prefill / mixed) steps compiled at
+        # start-up rather than inside the first requests that meet them (vllm_ernie45.moe_warmup).
+        if is_cuda and ep_size == 1 and not enable_eplb and envs.moe_warmup():
+            from vllm_ernie45.moe_warmup import KernelWarmup, eager_token_range
+
+            low, high = eager_token_range(vllm_config)
+            self.kernel_warmup = KernelWarmup(self.experts, arch.top_k + num_fused, low, high)
 
     @property
     def fused_shared(self) -> bool:
