@@ -248,26 +248,24 @@ def test_config_keys_are_decided_from_quantized_tensors(expert_quantized):
 
 
 def test_a_kind_of_tensor_the_format_never_stores_is_left_to_vllm():
-    """IF_FORMAT_HAS (quantized parameters): absent everywhere -- a parameter vLLM fills
+    """IF_FORMAT_HAS (quantized parameters): absent for every layer -- a parameter vLLM fills
     itself, as vLLM 0.26's MoE methods register ``g_idx_sort_indices`` -- loads; absent for
     one layer while another has it is the usual error."""
     from vllm_ernie45.checkpoint import IF_FORMAT_HAS, CheckpointError, CheckpointSchema, Target, TensorSpec
     from vllm_ernie45.loader import load_with_schema
 
     root = torch.nn.Module()
-    for layer in ("a", "b"):
-        module = torch.nn.Module()
-        module.weight_packed = torch.nn.Parameter(torch.zeros(2, dtype=torch.int32), requires_grad=False)
-        module.g_idx_sort_indices = torch.nn.Parameter(torch.zeros(2, dtype=torch.int32), requires_grad=False)
-        setattr(root, layer, module)
+    root.layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+    for module in root.layers:
+        for kind in ("weight_packed", "g_idx_sort_indices"):
+            module.register_parameter(kind, torch.nn.Parameter(torch.zeros(2, dtype=torch.int32), requires_grad=False))
     specs = {
-        f"{layer}.{kind}": TensorSpec((2,), Target(layer, kind), if_absent=IF_FORMAT_HAS)
-        for layer in ("a", "b") for kind in ("weight_packed", "g_idx_sort_indices")
+        f"layers.{i}.{kind}": TensorSpec((2,), Target(f"layers.{i}", kind), if_absent=IF_FORMAT_HAS)
+        for i in (0, 1) for kind in ("weight_packed", "g_idx_sort_indices")
     }
     schema = CheckpointSchema(specs, skips=lambda n: False, unexpected="unexpected {name}", missing="missing {missing}")
     packed = torch.ones(2, dtype=torch.int32)
-    assert load_with_schema(root, schema, [("a.weight_packed", packed), ("b.weight_packed", packed)]) == {
-        "a.weight_packed", "b.weight_packed"
-    }
-    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): 'b.weight_packed'"):
-        load_with_schema(root, schema, [("a.weight_packed", packed)])
+    loaded = load_with_schema(root, schema, [("layers.0.weight_packed", packed), ("layers.1.weight_packed", packed)])
+    assert loaded == {"layers.0.weight_packed", "layers.1.weight_packed"}
+    with pytest.raises(CheckpointError, match=r"missing 1 tensor\(s\): 'layers.1.weight_packed'"):
+        load_with_schema(root, schema, [("layers.0.weight_packed", packed)])

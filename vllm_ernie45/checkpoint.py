@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from vllm_ernie45.config import ErnieArch
 
 REQUIRED, OPTIONAL, ZEROS = "required", "optional", "zeros"
-# Required where the checkpoint stores this kind of tensor (its last name component, e.g.
-# ``weight_zero_point``) for any layer: a parameter a quantization method registers that the
-# format may not store at all (vLLM fills it: ``g_idx_sort_indices``, ``g_idx`` without
-# activation ordering), but that a checkpoint storing it must store for every layer.
+# Required where the checkpoint stores the same tensor for another layer or expert (its name
+# with layer and expert numbers wildcarded, ``vllm_ernie45.loader.tensor_kind``): a parameter a
+# quantization method registers that the format may not store at all (vLLM fills it:
+# ``g_idx_sort_indices``, ``g_idx`` without activation ordering), but that a checkpoint
+# storing it must store for every layer.
 IF_FORMAT_HAS = "if_format_has"
 
 

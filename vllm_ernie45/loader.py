@@ -20,6 +20,7 @@ logical expert is written into every physical slot EPLB gives it).
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -143,6 +144,12 @@ def _readable(weights: Iterable[tuple[str, torch.Tensor]], model_dir: str):
                 f"(safetensors: {err}); download or copy it again"
             ) from err
         yield item
+
+
+def tensor_kind(name: str) -> str:
+    """``name`` with its layer and expert numbers wildcarded: the same tensor of every layer
+    (``model.layers.*.mlp.experts.*.up_proj.weight_scale``)."""
+    return re.sub(r"\.\d+(?=\.)", ".*", name)
 
 
 def _listed(names: list[str]) -> str:
@@ -276,12 +283,12 @@ def load_with_schema(
             loaded.add(found[0])
 
     absent = [n for n in schema.tensors if n not in seen]
-    kinds = {n.rsplit(".", 1)[-1] for n in seen}
+    kinds = {tensor_kind(n) for n in seen}
     missing = [
         n
         for n in absent
         if schema.tensors[n].if_absent == REQUIRED
-        or (schema.tensors[n].if_absent == IF_FORMAT_HAS and n.rsplit(".", 1)[-1] in kinds)
+        or (schema.tensors[n].if_absent == IF_FORMAT_HAS and tensor_kind(n) in kinds)
     ]
     if missing:
         raise CheckpointError(schema.missing.format(missing=_listed(missing)))

@@ -15,8 +15,9 @@ target layer registered more than ``weight``, replaces it by one spec per regist
 * a fused-MoE parameter ``w13_p`` is ``experts.{e}.gate_proj.p`` and ``experts.{e}.up_proj.p``
   (shards w1 / w3), ``w2_p`` is ``experts.{e}.down_proj.p``, each placed by the fused-MoE
   weight loader with its expert id, as vLLM's ``make_expert_params_mapping`` maps them;
-* a registered parameter is required where the checkpoint stores that kind of tensor
-  (``weight_zero_point``, ``input_scale``, ``g_idx`` ...) for any layer, and otherwise left
+* a registered parameter is required where the checkpoint stores the same tensor
+  (``weight_zero_point``, ``input_scale``, ``g_idx`` ... of the same projection) for another
+  layer or expert, and otherwise left
   to vLLM, which fills what a format does not store (``g_idx_sort_indices``; ``g_idx`` without
   activation ordering, as vLLM 0.26's GPTQ-Marlin / compressed-tensors MoE methods register
   them): a layer lacking a tensor the others have is an error, as vLLM's loader is lenient
