@@ -8,6 +8,8 @@ model writes random tokens, so these tests check wiring and response shapes, not
     (structured output, which vLLM applies only after the reasoning ends: with thinking off);
 (b) scripts/serving/serve_load.py against the same server (16 concurrent streams, some cancelled);
 (c) bad input -> HTTP 4xx with an OpenAI-style error, server still healthy.
+(d) a tool call forced by a regex (structured output): its arguments streamed incrementally,
+    whole on request, and a call cut off by max_tokens never completed.
 """
 
 from __future__ import annotations
@@ -188,6 +190,69 @@ def test_named_tool_choice_structured_output(server, client):
     assert finish in FINISH
     assert [c["name"] for c in scalls.values()] == ["get_weather"]
     assert scalls[0]["arguments"].startswith("{")
+
+
+# The tiny model's tokens are random; a regex (structured output) makes it write one complete
+# ernie45 tool call, so the parser's streaming is seen through vLLM's whole serving path.
+_CALL_REGEX = (r'<tool_call>\n\{"name": "get_weather", "arguments": '
+               r'\{"location": "[a-z]{30,40}"\}\}\n</tool_call>')
+
+
+def _forced_call(client, model, stream, max_tokens, mode=None):
+    body = {"chat_template_kwargs": {"enable_thinking": False}, "structured_outputs": {"regex": _CALL_REGEX}}
+    if mode:
+        body["vllm_xargs"] = {"ernie45_tool_stream": mode}
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the weather?"}], tools=TOOLS,
+        stream=stream, max_tokens=max_tokens, temperature=0, extra_body=body)
+
+
+def _tool_deltas(stream):
+    deltas, content, finish = [], "", None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        content += d.content or ""
+        deltas += [(tc.index, tc.id, tc.function.name, tc.function.arguments) for tc in d.tool_calls or []]
+        finish = chunk.choices[0].finish_reason or finish
+    return deltas, content, finish
+
+
+def test_tool_call_arguments_stream_incrementally_end_to_end(server, client):
+    """Through `vllm serve`: the call's name first, then its arguments in several deltas that
+    add up to exactly the non-streamed arguments; whole mode on request: one delta."""
+    full = _forced_call(client, server["model"], stream=False, max_tokens=200)
+    call = full.choices[0].message.tool_calls[0]
+    assert full.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
+    location = json.loads(call.function.arguments)["location"]
+    assert 30 <= len(location) <= 40
+
+    deltas, content, finish = _tool_deltas(_forced_call(client, server["model"], True, 200))
+    assert finish == "tool_calls" and not content.strip()
+    assert deltas[0][1] and deltas[0][2] == "get_weather"  # id and name first
+    assert {d[0] for d in deltas} == {0} and all(d[2] is None for d in deltas[1:])
+    arguments = [d[3] for d in deltas if d[3]]
+    assert len(arguments) >= 5, deltas
+    assert "".join(arguments) == call.function.arguments
+
+    whole, _, finish = _tool_deltas(_forced_call(client, server["model"], True, 200, mode="whole"))
+    assert finish == "tool_calls" and len(whole) == 1
+    assert (whole[0][2], whole[0][3]) == ("get_weather", call.function.arguments)
+
+
+def test_tool_call_cut_off_while_streaming_is_never_completed(server, client):
+    """max_tokens cuts the call inside its arguments: what was sent stays sent, the arguments
+    never parse, the stream ends with "length"; non-streamed, the block is content."""
+    deltas, _, finish = _tool_deltas(_forced_call(client, server["model"], True, 25))
+    assert finish == "length"
+    assert deltas and deltas[0][2] == "get_weather"
+    arguments = "".join(d[3] or "" for d in deltas)
+    with pytest.raises(ValueError):
+        json.loads(arguments)
+    full = _forced_call(client, server["model"], stream=False, max_tokens=25)
+    assert full.choices[0].finish_reason == "length" and not full.choices[0].message.tool_calls
+    assert "<tool_call>" in (full.choices[0].message.content or "")
 
 
 def test_required_tool_choice_stream(server, client):
