@@ -160,7 +160,7 @@ def quantize_checkpoint(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vllm_ernie45.checkpoint_files import SAFETENSORS_INDEX, shard_files
+    from vllm_ernie45.checkpoint_files import shard_files
 
     src, dst = Path(src), Path(dst)
     by_pattern = {"Linear": scheme} if isinstance(scheme, str) else dict(scheme)
@@ -212,10 +212,7 @@ def quantize_checkpoint(
         weight_map.update({n: file.name for n in out})
         if twin is not None:
             save_file(deq, str(Path(twin) / file.name), metadata={"format": "pt"})
-    if (dst / SAFETENSORS_INDEX).is_file():
-        index = json.loads((dst / SAFETENSORS_INDEX).read_text())
-        index["weight_map"] = weight_map
-        (dst / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    _rewrite_index(dst, weight_map)
     cfg = json.loads((dst / "config.json").read_text())
     kv_scheme = (
         {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
@@ -253,7 +250,7 @@ def packed_int_checkpoint(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from vllm_ernie45.checkpoint_files import SAFETENSORS_INDEX, shard_files
+    from vllm_ernie45.checkpoint_files import shard_files
 
     src, dst = Path(src), Path(dst)
     shutil.copytree(src, dst)
@@ -289,10 +286,7 @@ def packed_int_checkpoint(
                 out[f"{module}.qweight"] = ints(n_in, n_out // pack)
         save_file(out, str(dst / file.name), metadata={"format": "pt"})
         weight_map.update({n: file.name for n in out})
-    if (dst / SAFETENSORS_INDEX).is_file():
-        index = json.loads((dst / SAFETENSORS_INDEX).read_text())
-        index["weight_map"] = weight_map
-        (dst / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    _rewrite_index(dst, weight_map)
     cfg = json.loads((dst / "config.json").read_text())
     if method == "gptq":
         qc = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
@@ -313,7 +307,7 @@ def fp8_checkpoint(ct_fp8: str | Path, dst: str | Path) -> Path:
     ``weight_block_size`` in the config."""
     from safetensors.torch import load_file, save_file
 
-    from vllm_ernie45.checkpoint_files import SAFETENSORS_INDEX, shard_files
+    from vllm_ernie45.checkpoint_files import shard_files
 
     src, dst = Path(ct_fp8), Path(dst)
     cfg = json.loads((src / "config.json").read_text())
@@ -330,13 +324,20 @@ def fp8_checkpoint(ct_fp8: str | Path, dst: str | Path) -> Path:
             out[name] = tensor
         save_file(out, str(dst / file.name), metadata={"format": "pt"})
         weight_map.update({n: file.name for n in out})
-    if (dst / SAFETENSORS_INDEX).is_file():
-        index = json.loads((dst / SAFETENSORS_INDEX).read_text())
-        index["weight_map"] = weight_map
-        (dst / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    _rewrite_index(dst, weight_map)
     qc = {"quant_method": "fp8", "activation_scheme": "dynamic" if block else "static"}
     if block:
         qc["weight_block_size"] = list(block)
     cfg["quantization_config"] = qc
     (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return dst
+
+
+def _rewrite_index(dst: Path, weight_map: dict[str, str]) -> None:
+    """A sharded checkpoint's index names the tensors the rewritten shards now hold."""
+    from vllm_ernie45.checkpoint_files import SAFETENSORS_INDEX
+
+    if (dst / SAFETENSORS_INDEX).is_file():
+        index = json.loads((dst / SAFETENSORS_INDEX).read_text())
+        index["weight_map"] = weight_map
+        (dst / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
