@@ -31,5 +31,6 @@ setup(
     },
     entry_points={
         "vllm.general_plugins": ["ernie45 = vllm_ernie45:register"],
+        "console_scripts": ["vllm-ernie45-batch = vllm_ernie45.batch:main"],
     },
 )
