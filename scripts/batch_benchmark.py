@@ -43,15 +43,19 @@ def main() -> int:
     p.add_argument("--prompt-words", type=int, default=20)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vary", action="store_true",
+                   help="request i generates max_tokens * (1 + i %% 4) / 4 tokens (lengths differ, as in real jobs)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--window", type=int, default=0, help="runner window (default: its own)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--windowed", action="store_true",
+                   help="also time LLM.generate over consecutive windows (the design not chosen)")
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args()
 
     from vllm import LLM, SamplingParams
 
-    from vllm_ernie45.batch import _engine_arg, build_parser, run_batch
+    from vllm_ernie45.batch import _engine_arg, build_parser, default_window, run_batch
     from vllm_ernie45.child_run import close_llm
 
     tmp = Path(tempfile.mkdtemp(prefix="batch-bench-"))
@@ -69,17 +73,18 @@ def main() -> int:
     llm = LLM(**kwargs)
 
     texts = prompts(args.prompts, args.prompt_words)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, seed=0)
+    lengths = [args.max_tokens * (1 + i % 4) // 4 if args.vary else args.max_tokens for i in range(len(texts))]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, seed=0) for n in lengths]
     jobs = tmp / "input.jsonl"
     with jobs.open("w") as fh:
-        for i, text in enumerate(texts):
-            fh.write(json.dumps({"id": i, "prompt": text, "max_tokens": args.max_tokens,
-                                 "ignore_eos": True}) + "\n")  # fmt: skip
+        for i, (text, n) in enumerate(zip(texts, lengths)):
+            fh.write(json.dumps({"id": i, "prompt": text, "max_tokens": n, "ignore_eos": True}) + "\n")
     runner_args = build_parser().parse_args(["--model", model, "-i", str(jobs), "-o", "-", "--no-progress"])
     runner_args.window = args.window
 
-    llm.generate(texts[:16], params, use_tqdm=False)  # warm-up: first-use work on neither side
-    gen_s, run_s = [], []
+    llm.generate(texts[:16], params[:16], use_tqdm=False)  # warm-up: first-use work on neither side
+    gen_s, run_s, win_s = [], [], []
+    window = args.window or default_window(llm)
     for r in range(args.repeats):
         t = time.perf_counter()
         outs = llm.generate(texts, params, use_tqdm=False)
@@ -90,15 +95,24 @@ def main() -> int:
         summary = run_batch(llm, jobs, out, runner_args)
         run_s.append(time.perf_counter() - t)
         assert summary.done == len(texts) and summary.generated_tokens == tokens, (summary, tokens)
+        if args.windowed:
+            t = time.perf_counter()
+            for i in range(0, len(texts), window):
+                llm.generate(texts[i : i + window], params[i : i + window], use_tqdm=False)
+            win_s.append(time.perf_counter() - t)
+            print(f"repeat {r + 1}: LLM.generate over windows of {window}: {win_s[-1]:.2f} s", flush=True)
         print(f"repeat {r + 1}: LLM.generate {gen_s[-1]:.2f} s, runner {run_s[-1]:.2f} s "
               f"({tokens} generated tokens each)", flush=True)  # fmt: skip
     close_llm(llm)
     g, b = statistics.median(gen_s), statistics.median(run_s)
     result = {
-        "model": model, "prompts": len(texts), "max_tokens": args.max_tokens, "repeats": args.repeats,
+        "model": model, "prompts": len(texts), "max_tokens": args.max_tokens, "vary": args.vary, "repeats": args.repeats,
         "generate_s": gen_s, "runner_s": run_s, "generate_tok_s": tokens / g, "runner_tok_s": tokens / b,
-        "ratio_runner_over_generate": g / b,
+        "ratio_runner_over_generate": g / b, "window": window,
     }  # fmt: skip
+    if win_s:
+        result.update(windowed_s=win_s, ratio_windowed_over_generate=g / statistics.median(win_s))
+        print(f"LLM.generate over windows: {g / statistics.median(win_s):.3f} x one LLM.generate")
     print(f"LLM.generate {tokens / g:.1f} gen tok/s, runner {tokens / b:.1f} gen tok/s: "
           f"runner / generate = {g / b:.3f} (median of {args.repeats})")  # fmt: skip
     if args.out:

@@ -3,7 +3,8 @@
 
 A thin wrapper over ``vllm_ernie45.batch`` (also ``vllm-ernie45-batch`` / ``python -m
 vllm_ernie45.batch``; docs/batch.md): streaming, resumable (run it again with the same
-``--output`` to finish an interrupted job), bad lines go to ``<output>.errors.jsonl``.
+``--output`` to finish an interrupted job), bad lines go to ``<output>.errors.jsonl``; the
+output is sorted in input order at the end (``--sort``), as this script always wrote it.
 
 Input lines:  {"id": "q1", "prompt": "raw text"}   or   {"id": "q2", "messages": [{"role": ...}]}
               optional per line: "max_tokens", "temperature", "enable_thinking", ...
@@ -25,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout wi
 from vllm_ernie45.batch import main  # noqa: E402
 
 if __name__ == "__main__":
-    # --max-model-len: this script's default of old (2048), as the quick start has always run it.
+    # As this script always wrote it: --max-model-len 2048 unless given, output in input order.
     argv = sys.argv[1:]
     if not any(a == "--max-model-len" or a.startswith("--max-model-len=") for a in argv):
         argv += ["--max-model-len", "2048"]
+    if "--sort" not in argv:
+        argv.append("--sort")
     sys.exit(main(argv))

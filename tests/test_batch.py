@@ -297,8 +297,10 @@ def test_scan_output_drops_only_a_torn_last_line(tmp_path):
     out = tmp_path / "o.jsonl"
     out.write_text('{"id": "a"}\n{"id": 2}\n{"id": "c", "compl')
     done, torn = batch.scan_output(out, batch.SIMPLE)
-    assert (done, torn) == ({"a", "2"}, True) and out.read_text() == '{"id": "a"}\n{"id": 2}\n'
-    assert batch.scan_output(out, batch.SIMPLE) == ({"a", "2"}, False)
+    assert (done, torn) == ({'"a"', "2"}, True) and out.read_text() == '{"id": "a"}\n{"id": 2}\n'
+    assert batch.scan_output(out, batch.SIMPLE) == ({'"a"', "2"}, False)
+    out.write_text('{"id": "1"}\n{"id": 1}\n')  # ids compare as written
+    assert batch.scan_output(out, batch.SIMPLE) == ({'"1"', "1"}, False)
     out.write_text('{"custom_id": "x", "response": {}}\n')
     assert batch.scan_output(out, batch.OPENAI) == ({"x"}, False)
     out.write_text('{"id": "a"}\nnot json\n{"id": "c"}\n')
@@ -310,7 +312,7 @@ def test_scan_output_drops_only_a_torn_last_line(tmp_path):
 def test_sort_output_and_main_refuses_a_corrupt_output(tmp_path):
     out = tmp_path / "o.jsonl"
     out.write_text('{"id": "b", "x": 1}\n{"id": "z"}\n{"id": "a"}\n')
-    batch.sort_output(out, {"a": 1, "b": 2}, batch.SIMPLE)
+    batch.sort_output(out, {'"a"': 1, '"b"': 2}, batch.SIMPLE)
     assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["a", "b", "z"]
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": "a", "prompt": "x"}\n')

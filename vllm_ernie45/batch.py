@@ -115,13 +115,16 @@ class Summary:
 
 
 def output_key(record: dict, fmt: str) -> str | None:
-    value = record.get("custom_id") if fmt == OPENAI else record.get("id")
-    return None if value is None else canonical_key(value)
+    """The resume key of an output line: ``custom_id`` (OpenAI), or the JSON text of ``id``."""
+    if fmt == OPENAI:
+        value = record.get("custom_id")
+        return value if isinstance(value, str) else None
+    return simple_key(record["id"]) if "id" in record else None
 
 
-def canonical_key(value: Any) -> str:
-    """Ids compare as written: 1 and "1" are different ids."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+def simple_key(value: Any) -> str:
+    """Simple-format ids are any JSON value, compared as written: 1 and "1" are two ids."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
 def scan_output(path: Path, fmt: str, repair: bool = True) -> tuple[set[str], bool]:
@@ -344,7 +347,7 @@ class Preparer:
         return self._openai(line, obj) if self.fmt == OPENAI else self._simple(line, obj)
 
     def _simple(self, line: int, obj: dict) -> Item:
-        key = canonical_key(obj.get("id", f"line-{line}"))
+        key = simple_key(obj.get("id", f"line-{line}"))
         try:
             has_prompt, has_messages = obj.get("prompt") is not None, obj.get("messages") is not None
             if has_prompt == has_messages:
@@ -413,10 +416,17 @@ class Preparer:
         reasoning = tool = None
         if self.reasoning_parser_cls is not None:
             reasoning = _make(self.reasoning_parser_cls, self.tokenizer, chat_template_kwargs=kwargs)
-            request = reasoning.adjust_request(request)
-        if self.tool_parser_cls is not None and request.tools and choice != "none":
+        if self.tool_parser_cls is not None:
             tool = _make(self.tool_parser_cls, self.tokenizer, tools=request.tools)
-            request = tool.adjust_request(request)
+        # As vLLM's renderer: the parsers adjust the request (ernie45: keep its special tokens in
+        # the text) when a reasoning parser is on or tool_choice is not "none" (the request class
+        # makes it "auto" when tools are given, "none" without).
+        if reasoning is not None or (choice or "none") != "none":
+            for parser in (reasoning, tool):
+                if parser is not None:
+                    request = parser.adjust_request(request)
+        if not request.tools or choice == "none":
+            tool = None  # tool calls are parsed for tools with tool_choice auto only
         raw_messages = [m if isinstance(m, dict) else dict(m) for m in request.messages]
         text = self._render_chat(
             raw_messages, tools, kwargs,
@@ -482,24 +492,13 @@ def simple_record(item: Item, result: Any) -> dict:
     completion = result.outputs[0]
     prompt_tokens, generated = _usage(result)
     return {
-        "id": json.loads(item.key) if _is_json_key(item.key) else item.key,
+        "id": json.loads(item.key),
         "prompt": item.prompt_text,
         "completion": completion.text,
         "num_prompt_tokens": prompt_tokens,
         "num_completion_tokens": generated,
         "finish_reason": completion.finish_reason,
     }
-
-
-def _is_json_key(key: str) -> bool:
-    # canonical_key() wrote non-string ids as JSON (numbers, ...); strings stay as they are.
-    if not key or key[0] not in "-0123456789[{tn":
-        return False
-    try:
-        value = json.loads(key)
-    except ValueError:
-        return False
-    return not isinstance(value, str)
 
 
 def chat_choice(item: Item, output: Any) -> dict:
@@ -592,7 +591,7 @@ def error_record(fmt: str, line: int, err: BadLine) -> dict:
             error=None,
         )
     else:
-        record["id"] = json.loads(err.key) if err.key and _is_json_key(err.key) else err.key
+        record["id"] = json.loads(err.key) if err.key else None
     return record
 
 
@@ -673,13 +672,13 @@ def run_batch(
                         fail(line, err)
                         continue
                     if item.key in order:
-                        fail(line, BadLine(f"duplicate id {item.key!r} (first on line {order[item.key]})", item.key))
+                        fail(line, BadLine(f"duplicate id {item.key} (first on line {order[item.key]})", item.key))
                         continue
                     order[item.key] = line
                     if item.key in done_before:
                         summary.skipped += 1
                         continue
-                    request_id = str(next_id)
+                    request_id = f"batch-{next_id}"
                     next_id += 1
                     try:
                         engine.add_request(request_id, {"prompt_token_ids": item.prompt_ids}, item.params)
@@ -828,6 +827,10 @@ def main(argv: list[str] | None = None) -> int:
     except Fatal as err:
         print(f"vllm-ernie45-batch: {err}", file=sys.stderr)
         return EXIT_FATAL
+    except KeyboardInterrupt:
+        print(f"vllm-ernie45-batch: interrupted; {args.output} holds every result finished so far: "
+              "run the same command again to resume", file=sys.stderr)  # fmt: skip
+        return 130
     finally:
         # The engine's processes end here, not in vLLM's atexit teardown (vllm_ernie45.child_run).
         close_llm(llm)
