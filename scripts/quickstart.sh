@@ -11,6 +11,8 @@ bash scripts/setup_cpu.sh
 . "$VENV/bin/activate"
 MODEL=${MODEL:-out/tiny-ernie}
 [ -f "$MODEL/config.json" ] || python scripts/make_tiny_checkpoint.py --out "$MODEL"
+# A fresh job each time (the runner would resume into an existing output file).
+rm -f out/completions.jsonl out/completions.jsonl.errors.jsonl
 python scripts/batch_generate.py --model "$MODEL" --input scripts/example_prompts.jsonl \
   --output out/completions.jsonl "$@"
 head -c 600 out/completions.jsonl; echo
