@@ -315,20 +315,19 @@ def load_checkpoint(
     ``fused_layout``: the MoE layers run their shared experts inside the fused call."""
     schema = pt_schema(arch, fused_shared=fused_layout is not None)
     quant_config = getattr(model, "quant_config", None)
+    dropped: list[str] = []
     if quant_config is not None and checkpoint_is_quantized(getattr(model, "config", None)):
         # A pre-quantized checkpoint: its tensors are those of the parameters vLLM's
         # quantization methods registered, under vLLM's name mapping for the format.
         schema = specialise(schema, model, quant_config)
-        dropped: list[str] = []
         weights = map_names(weights, quant_config, dropped)
-        loaded = load_with_schema(model, schema, weights, _physical_slots(model, arch, fused_layout))
-        if dropped:
-            logger.info(
-                "Set aside %d checkpoint tensor(s) the %s quantization does not use (%s, ...).",
-                len(dropped), quant_config.get_name(), dropped[0],
-            )
-        return loaded
-    return load_with_schema(model, schema, weights, _physical_slots(model, arch, fused_layout))
+    loaded = load_with_schema(model, schema, weights, _physical_slots(model, arch, fused_layout))
+    if dropped:
+        logger.info(
+            "Set aside %d checkpoint tensor(s) the %s quantization does not use (%s, ...).",
+            len(dropped), quant_config.get_name(), dropped[0],
+        )
+    return loaded
 
 
 def load_mtp_checkpoint(
