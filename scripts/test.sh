@@ -12,7 +12,7 @@ bash scripts/setup_cpu.sh
 . "$VENV/bin/activate"
 export VLLM_WORKER_MULTIPROC_METHOD=spawn
 set +e
-python -m pytest tests -q -rs --timeout=900 "$@"
+python -m pytest tests -q -rs --timeout=900 --durations=25 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

@@ -56,6 +56,9 @@ def test_greedy_tokens_and_logprobs_match_hf(variant, tiny_checkpoint, tmp_path)
     got = run_vllm_greedy(model, tmp_path / "vllm.json", max_tokens=8, top_k=5)
     assert got["model_class"] == PLUGIN_CLASS.get(variant, "vllm_ernie45.model.ErnieMoeForCausalLM")
     assert got["fused_shared"] is False  # CPU default: shared experts as their own MLP
+    # The GPU start-up warm-up runs a step through each MoE layer's own router and kernel
+    # object (vllm_ernie45.moe_warmup.layer_step): those parts are where it looks on this vLLM.
+    assert got["moe_warmup_layer_step"] is (None if variant == "dense" else True)
     # The plugin's MoE tables, set in the worker that builds an ERNIE MoE model (only there).
     # (A folder the user set wins everywhere.)
     expected = os.environ.get("VLLM_TUNED_CONFIG_FOLDER") or (None if variant == "dense" else str(envs.MOE_CONFIG_FOLDER))

@@ -247,7 +247,9 @@ class ErnieMoE(nn.Module):
             from vllm_ernie45.moe_warmup import KernelWarmup, eager_token_range
 
             low, high = eager_token_range(vllm_config)
-            self.kernel_warmup = KernelWarmup(self.experts, arch.top_k + num_fused, low, high)
+            self.kernel_warmup = KernelWarmup(
+                self.experts, arch.top_k + num_fused, low, high, num_router_logits=arch.num_experts
+            )
 
     @property
     def fused_shared(self) -> bool:

@@ -11,19 +11,23 @@ process, pays a JIT compile inside a request: 0.5-1.6 s per gate/up + down pair 
 fused_moe_kernel``). The plugin's tuned H200 table gives the sizes 513-16,384 ten distinct
 (config, specialisation) pairs, where the in-tree model on vLLM's default config has four.
 
-:func:`warm_up_fused_moe` runs, once per process and expert shape, each distinct
-(config, integer specialisation) of the eager token range through the same kernel launches
-vLLM's ``TritonExperts`` makes (gate/up GEMM without router weights, down GEMM with them), to keep
-those compiles out of requests. :class:`KernelWarmup` is the hook: a module registered after the fused-MoE
-layer whose ``quant_method.process_weights_after_loading`` -- which vLLM's loaders call for
-every module after the weights are in place, a dummy load included -- runs the warm-up.
+:func:`warm_up_fused_moe` runs, once per process and expert shape, one step for each distinct
+(config, integer specialisation) of the eager token range through the layer's own router and
+fused-MoE kernel object (vLLM 0.26's ``MoERunner``: ``router.select_experts`` +
+``routed_experts.forward_modular``), so that every argument the model's launches specialise
+on -- integers, pointers from vLLM's workspace manager, the router's outputs -- is the model's;
+the plugin's router kernel is compiled for those sizes on the way. Where the layer lacks those
+parts (another vLLM), it launches the gate/up and down kernels itself, as ``TritonExperts``
+does. :class:`KernelWarmup` is the hook: a module registered after the fused-MoE layer whose
+``quant_method.process_weights_after_loading`` -- which vLLM's loaders call for every module
+after the weights are in place, a dummy load included -- runs the warm-up.
 ``VLLM_ERNIE45_MOE_WARMUP=0`` switches it off.
 
-Measured (H100, vLLM 0.26, issue 29; docs/performance.md): with the warm-up no gate/up launch
-was compiled inside a request any more, but down-projection launches (``MUL_ROUTED_WEIGHT``,
-``top_k=1``) of some token counts still were -- the model's down launch differs from the one
-made here in an integer or pointer specialisation not identified yet (the JIT monitor's log
-truncates the key). Compiling for 6 token counts took 8.5 s on a cold Triton cache.
+Measured (H100, vLLM 0.26, issue 29; docs/performance.md): with the direct launches no gate/up
+launch was compiled inside a request any more, but down-projection launches (``MUL_ROUTED_WEIGHT``,
+``top_k=1``) still were -- the model's down launch differs from the direct one in a
+specialisation the JIT monitor's truncated key did not show; hence the layer path.
+Compiling for 6 token counts took 8.5 s on a cold Triton cache.
 """
 
 from __future__ import annotations
@@ -103,10 +107,92 @@ def _logger():
     return init_logger(_LOGGER_NAME)
 
 
-def warm_up_fused_moe(experts: nn.Module, top_k: int, low: int, high: int, logger=None) -> dict:
+def layer_step(experts: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], None] | None:
+    """A function running one step of ``(hidden_states, router_logits)`` through the layer's own
+    router and fused-MoE kernel object, as a model step does (vLLM 0.26's ``MoERunner``:
+    ``router.select_experts`` then ``routed_experts.forward_modular``, without the shared
+    experts); None where the layer has no such parts."""
+    router = getattr(experts, "router", None)
+    routed = getattr(experts, "routed_experts", None)
+    method = getattr(experts, "_quant_method", None) or getattr(routed, "quant_method", None)
+    if router is None or not hasattr(router, "select_experts") or not hasattr(routed, "forward_modular"):
+        return None
+
+    def step(x: torch.Tensor, logits: torch.Tensor) -> None:
+        weights, ids = router.select_experts(
+            hidden_states=x, router_logits=logits, topk_indices_dtype=getattr(method, "topk_indices_dtype", None)
+        )
+        routed.forward_modular(x=x, topk_weights=weights, topk_ids=ids)
+
+    return step
+
+
+def _launch_step(w13: torch.Tensor, w2: torch.Tensor, top_k: int, config: dict) -> Callable:
+    """A function launching the gate/up and down kernels of one step the way vLLM 0.26's
+    ``TritonExperts`` does, on buffers of its own (the fallback where the layer has no
+    ``layer_step``; issue 29 measured that the down launch made here misses a specialisation
+    of the model's)."""
+    import triton.language as tl
+    from vllm.model_executor.layers.fused_moe.fused_moe import invoke_fused_moe_triton_kernel
+    from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size
+
+    num_experts, n2, _ = w13.shape
+    compute_type = tl.bfloat16 if w13.dtype == torch.bfloat16 else tl.float16
+
+    def step(x: torch.Tensor, gen: torch.Generator) -> None:
+        tokens, device = x.shape[0], x.device
+        ids = torch.randint(0, num_experts, (tokens, top_k), device=device, dtype=torch.int32, generator=gen)
+        topk_weights = torch.rand(tokens, top_k, device=device, generator=gen)
+        if tokens * top_k * 4 <= num_experts:
+            sorted_ids, expert_ids = None, ids.view(-1)
+            padded = torch.full((1,), ids.numel() * config["BLOCK_SIZE_M"], dtype=torch.int32, device=device)
+        else:
+            sorted_ids, expert_ids, padded = moe_align_block_size(ids, config["BLOCK_SIZE_M"], num_experts)
+        cache1 = torch.empty(tokens, top_k, n2, device=device, dtype=w13.dtype)
+        cache2 = torch.randn(tokens * top_k, n2 // 2, device=device, dtype=w13.dtype, generator=gen)
+        cache3 = torch.empty(tokens, top_k, w2.shape[1], device=device, dtype=w13.dtype)
+        common = dict(compute_type=compute_type, use_fp8_w8a8=False, use_int8_w8a8=False,
+                      use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=False,
+                      block_shape=None, B_bias=None)
+        invoke_fused_moe_triton_kernel(x, w13, cache1, None, None, None, sorted_ids, expert_ids, padded,
+                                       False, top_k, config, **common)
+        invoke_fused_moe_triton_kernel(cache2, w2, cache3, None, None, topk_weights, sorted_ids, expert_ids,
+                                       padded, True, 1, config, **common)
+
+    return step
+
+
+def run_steps(
+    experts: nn.Module, sizes: list[int], top_k: int, num_router_logits: int | None,
+    config_for: Callable[[int], dict],
+) -> str:
+    """One step of each token count in ``sizes`` through ``experts``: through the layer's own
+    router and kernel object where it has them and ``num_router_logits`` is given ("layer"),
+    else by launching the kernels directly ("launch"). Returns which."""
+    w13, w2 = _expert_weights(experts)
+    hidden = w13.shape[2]
+    run_layer = layer_step(experts) if num_router_logits else None
+    gen = torch.Generator(device=w13.device).manual_seed(0)
+    with torch.no_grad():
+        for tokens in sizes:
+            x = torch.randn(tokens, hidden, device=w13.device, dtype=w13.dtype, generator=gen) * 0.01
+            if run_layer is not None:
+                logits = torch.randn(tokens, num_router_logits, device=w13.device, generator=gen)
+                run_layer(x, logits)
+            else:
+                _launch_step(w13, w2, top_k, config_for(tokens))(x, gen)
+    return "layer" if run_layer is not None else "launch"
+
+
+def warm_up_fused_moe(
+    experts: nn.Module, top_k: int, low: int, high: int, logger=None, num_router_logits: int | None = None
+) -> dict:
     """Compile what the eager steps of ``experts`` (vLLM's fused-MoE layer, unquantized,
     Triton backend) will launch for token counts in (``low``, ``high``]; once per process and
-    weight shape. Returns what it did (``skipped`` says why it did nothing)."""
+    weight shape. Each planned token count runs one step through the layer's own router and
+    kernel object (``num_router_logits`` wide logits), so every argument the model's launches
+    specialise on is the model's; where the layer lacks those parts, the kernels are launched
+    directly. Returns what it did (``skipped`` says why it did nothing)."""
     weights = _expert_weights(experts)
     if weights is None:
         return {"skipped": "no w13_weight / w2_weight"}
@@ -115,14 +201,9 @@ def warm_up_fused_moe(experts: nn.Module, top_k: int, low: int, high: int, logge
         return {"skipped": f"weights {w13.dtype} on {w13.device}: only unquantized CUDA experts"}
     if high <= low:
         return {"skipped": "no eager token range"}
-    import triton.language as tl
-    from vllm.model_executor.layers.fused_moe.fused_moe import (
-        invoke_fused_moe_triton_kernel,
-        try_get_optimal_moe_config,
-    )
-    from vllm.model_executor.layers.fused_moe.moe_align_block_size import moe_align_block_size
+    from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
 
-    num_experts, n2, hidden = w13.shape
+    num_experts = w13.shape[0]
     done_key = (tuple(w13.shape), tuple(w2.shape), w13.dtype, top_k, low, high, w13.device.index)
     if done_key in _DONE:
         return {"skipped": "done for this shape"}
@@ -132,40 +213,17 @@ def warm_up_fused_moe(experts: nn.Module, top_k: int, low: int, high: int, logge
         return dict(try_get_optimal_moe_config(w13.size(), w2.size(), top_k, None, tokens))
 
     sizes = plan(range(low + 1, high + 1), top_k, num_experts, config_for)
-    compute_type = tl.bfloat16 if w13.dtype == torch.bfloat16 else tl.float16
     started = time.perf_counter()
-    gen = torch.Generator(device=w13.device).manual_seed(0)
-    for tokens in sizes:
-        config = config_for(tokens)
-        x = torch.randn(tokens, hidden, device=w13.device, dtype=w13.dtype, generator=gen) * 0.01
-        ids = torch.randint(0, num_experts, (tokens, top_k), device=w13.device, dtype=torch.int32, generator=gen)
-        topk_weights = torch.rand(tokens, top_k, device=w13.device, generator=gen)
-        if tokens * top_k * 4 <= num_experts:
-            sorted_ids, expert_ids = None, ids.view(-1)
-            padded = torch.full((1,), ids.numel() * config["BLOCK_SIZE_M"], dtype=torch.int32, device=w13.device)
-        else:
-            sorted_ids, expert_ids, padded = moe_align_block_size(ids, config["BLOCK_SIZE_M"], num_experts)
-        cache1 = torch.empty(tokens, top_k, n2, device=w13.device, dtype=w13.dtype)
-        cache2 = torch.empty(tokens * top_k, n2 // 2, device=w13.device, dtype=w13.dtype)
-        cache3 = torch.empty(tokens, top_k, w2.shape[1], device=w13.device, dtype=w13.dtype)
-        common = dict(compute_type=compute_type, use_fp8_w8a8=False, use_int8_w8a8=False,
-                      use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=False,
-                      block_shape=None, B_bias=None)
-        # As TritonExperts.apply: gate/up without router weights, down with them (top_k 1).
-        invoke_fused_moe_triton_kernel(x, w13, cache1, None, None, None, sorted_ids, expert_ids, padded,
-                                       False, top_k, config, **common)
-        cache2.normal_()
-        invoke_fused_moe_triton_kernel(cache2, w2, cache3, None, None, topk_weights, sorted_ids, expert_ids,
-                                       padded, True, 1, config, **common)
-        del x, ids, topk_weights, sorted_ids, expert_ids, padded, cache1, cache2, cache3
+    path = run_steps(experts, sizes, top_k, num_router_logits, config_for)
     torch.cuda.synchronize(w13.device)
     torch.cuda.empty_cache()
-    report = {"token_counts": sizes, "seconds": round(time.perf_counter() - started, 1),
-              "range": [low, high], "experts": num_experts, "top_k": top_k}
+    report = {"token_counts": sizes, "seconds": round(time.perf_counter() - started, 1), "range": [low, high],
+              "experts": num_experts, "top_k": top_k, "path": path}
     (logger or _logger()).info(
             "vllm-ernie45: compiled the fused-MoE kernels of %d (config, specialisation) pairs for "
-            "eager steps of %d-%d tokens (E=%d, top-%d) in %.1f s.",
-            len(sizes), low + 1, high, num_experts, top_k, report["seconds"],
+            "eager steps of %d-%d tokens (E=%d, top-%d, through the %s) in %.1f s.",
+            len(sizes), low + 1, high, num_experts, top_k,
+            "layer's router and kernel" if path == "layer" else "kernels directly", report["seconds"],
     )
     return report
 
@@ -175,7 +233,9 @@ class KernelWarmup(nn.Module):
     ``process_weights_after_loading`` once the weights are in place, which runs
     :func:`warm_up_fused_moe` on that layer."""
 
-    def __init__(self, experts: nn.Module, top_k: int, low: int, high: int, logger=None) -> None:
+    def __init__(
+        self, experts: nn.Module, top_k: int, low: int, high: int, logger=None, num_router_logits: int | None = None
+    ) -> None:
         super().__init__()
         from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 
@@ -191,7 +251,7 @@ class KernelWarmup(nn.Module):
 
             def process_weights_after_loading(self, layer) -> None:
                 try:
-                    layer.report = warm_up_fused_moe(target["experts"], top_k, low, high, logger)
+                    layer.report = warm_up_fused_moe(target["experts"], top_k, low, high, logger, num_router_logits)
                 except Exception as err:  # a vLLM whose kernel API moved: serve anyway, JIT later
                     layer.report = {"skipped": f"failed: {err!r}"}
                     (logger or _logger()).warning("vllm-ernie45: fused-MoE kernel warm-up skipped: %r", err)

@@ -87,6 +87,26 @@ def impl_env(name: str) -> dict[str, str]:
             "TRITON_CACHE_DIR": os.path.join(root, "triton"), **IMPLS[name]}
 
 
+def write_quantized_config(config: str, scheme: str, path: Path) -> Path:
+    """``config`` with the ``quantization_config`` of compressed-tensors ``scheme`` (every linear
+    layer but the router and the head, experts included, as published quantized ERNIE
+    checkpoints), written to ``path``."""
+    from vllm_ernie45.testing.tiny.quantize import ROUTER_IGNORE, _scheme, quantization_config
+
+    data = json.loads(Path(config).read_text())
+    data["quantization_config"] = quantization_config([_scheme(scheme)], ["lm_head", ROUTER_IGNORE])
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+def jit_keys_env(path: Path) -> dict[str, str]:
+    """The environment entries that make every process record its Triton compiles into PATH."""
+    site = Path(__file__).resolve().parent / "jit_keys_site"
+    pythonpath = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": str(site) + (os.pathsep + pythonpath if pythonpath else ""),
+            "VLLM_ERNIE45_JIT_KEYS": str(path.resolve())}
+
+
 SCENARIOS = ("startup", "bs1", "bs32", "bs1000", "prefill")
 # name -> (requests, input tokens, output tokens), in the reference script's order.
 SHAPES = {"bs1": (1, 128, 256), "bs32": (32, 512, 256), "bs1000": (1000, 512, 256), "prefill": (200, 2048, 32)}
@@ -345,16 +365,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--impls", default="intree,plugin",
                         help="comma-separated, run in this order: " + ", ".join(IMPLS))
     parser.add_argument("--quantization", default=None)
+    parser.add_argument("--quant-scheme", default=None,
+                        help="benchmark a pre-quantized checkpoint of this compressed-tensors scheme "
+                             "(vllm_ernie45/testing/tiny/quantize.py SCHEMES, e.g. w4a16-g32, fp8-dynamic; "
+                             "router and head unquantized) with dummy weights: --config plus its "
+                             "quantization_config, written next to --out")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--enable-expert-parallel", action="store_true")
     parser.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS,
                         help="engine max_num_seqs (default %(default)s, the reference script's)")
     parser.add_argument("--no-jit-monitor-verbose", dest="jit_monitor_verbose", action="store_false",
                         help="do not ask vLLM to log every kernel JIT compile (then only the first is logged)")
+    parser.add_argument("--jit-keys", action="store_true",
+                        help="record every Triton compile of each implementation's processes with its full "
+                             "specialisation key into OUT.IMPL.jit.jsonl (scripts/gpu/jit_keys_site)")
     args = parse_bench_args(parser, argv)
     if args.child:
         return child(args)
     out = Path(args.out)
+    if args.quant_scheme:
+        args.config = str(write_quantized_config(args.config, args.quant_scheme, out.with_name(f"{out.stem}.config.json")))
     results: dict[str, dict] = {}
     for impl in args.impls.split(","):
         part = out.with_name(f"{out.stem}.{impl}.json")
@@ -366,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd.append("--enable-expert-parallel")
         if not args.jit_monitor_verbose:
             cmd.append("--no-jit-monitor-verbose")
-        run_child_counting_jit(impl, cmd, impl_env(impl.split("@")[0]), part, results)
+        env = impl_env(impl.split("@")[0])
+        if args.jit_keys:
+            env.update(jit_keys_env(out.with_name(f"{out.stem}.{impl}.jit.jsonl")))
+        run_child_counting_jit(impl, cmd, env, part, results)
     base = "intree" if "intree" in results else next(iter(results), "intree")
     report = {"config": args.config, "dtype": args.dtype, "quantization": args.quantization,
               "tensor_parallel_size": args.tensor_parallel_size,

@@ -60,7 +60,18 @@ def model_facts(model: Any) -> dict[str, Any]:
         # process serving an ERNIE MoE model only)
         "tuned_config_folder": os.environ.get("VLLM_TUNED_CONFIG_FOLDER"),
         "drafter_hidden_buffer": getattr(model, "get_mtp_target_hidden_states", lambda: None)() is not None,
+        # whether the start-up kernel warm-up finds the MoE layer's own router and kernel object
+        # on this vLLM (vllm_ernie45.moe_warmup; None: no MoE layer here)
+        "moe_warmup_layer_step": _moe_layer_step_found(layers),
     }
+
+
+def _moe_layer_step_found(layers: Any) -> bool | None:
+    from vllm_ernie45.moe_warmup import layer_step
+
+    experts = [getattr(getattr(l, "mlp", None), "experts", None) for l in layers]
+    experts = [e for e in experts if e is not None]
+    return all(layer_step(e) is not None for e in experts) if experts else None
 
 
 def spec_decode_counts(llm: Any) -> dict[str, Any]:
