@@ -276,6 +276,21 @@ def compare(test: dict[str, Any], ref: dict[str, Any]) -> Comparison:
     return Comparison(tokens_equal, mismatch, max_dec, max_pre, n, matching, total)
 
 
+def greedy_gap(test: dict[str, Any], ref: dict[str, Any]) -> float:
+    """The largest margin, over every generated position, by which ``ref`` (a tracked HF run:
+    it scored ``test``'s tokens) prefers its own argmax to the token ``test`` chose: 0 when the
+    greedy tokens agree, small where ``test`` took the other side of a near tie (bf16 against
+    fp32 on a random tiny model), large where it chose a token the reference rules out."""
+    gap = 0.0
+    for t, r in zip(test["outputs"], ref["outputs"]):
+        for chosen, scored in zip(t["tokens"], r["logprobs"]):
+            if str(chosen) in scored:
+                gap = max(gap, max(scored.values()) - scored[str(chosen)])
+            else:
+                gap = float("inf")
+    return gap
+
+
 def _child_command(engine: str, model: str | Path, out: str | Path, options: dict[str, Any]) -> list[str]:
     cli_args = ["--engine", engine, "--model", str(model), "--out", str(out)]
     for key, value in options.items():
@@ -390,6 +405,18 @@ def run_data_parallel_in_children(
     return merged
 
 
+def _output_to(path: str) -> None:
+    """stdout and stderr of this process, and of every process it starts, into ``path``
+    (the file descriptors themselves, which vLLM's engine and worker processes inherit): the
+    whole log, where the parent's capture keeps only its tail."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", choices=("vllm", "hf"), required=True)
@@ -402,9 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="HF reference device")
     parser.add_argument("--track", help="vLLM result JSON whose token ids HF should score")
     parser.add_argument("--vllm-args", default="{}", help="extra vllm.LLM kwargs as JSON")
+    parser.add_argument("--log", help="all output of this process and of those it starts (vLLM's engine) to this file")
     parser.add_argument("--lora", help="a PEFT LoRA adapter folder every prompt goes through")
     parser.add_argument("--lora-merged", action="store_true", help="HF: merge the adapter into the weights")
     args = parser.parse_args(argv)
+    if args.log:
+        _output_to(args.log)
 
     if args.prompts:
         prompts = json.loads(Path(args.prompts).read_text())

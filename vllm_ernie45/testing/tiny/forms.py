@@ -64,6 +64,14 @@ def correction_bias_as_vector(model_dir: Path) -> Path:
     return edit_tensors(model_dir, lambda n, t: t.reshape(-1) if n.endswith(CORRECTION_BIAS) else t)
 
 
+def zero_correction_bias(model_dir: Path) -> Path:
+    """The correction bias all zeros (routing by the gate alone, as vLLM 0.32's CPU router
+    routes whatever the bias says)."""
+    import torch
+
+    return edit_tensors(model_dir, lambda n, t: torch.zeros_like(t) if n.endswith(CORRECTION_BIAS) else t)
+
+
 def without_correction_bias(model_dir: Path) -> Path:
     """No correction bias, and config.json says ``moe_use_aux_free: false`` (a model trained
     without it)."""

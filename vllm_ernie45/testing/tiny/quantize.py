@@ -18,7 +18,8 @@ Ignored as real quantized ERNIE checkpoints ignore them: ``lm_head`` and the rou
 No calibration tool is needed: ``compressed-tensors`` is a vLLM dependency.
 
 ``packed_int_checkpoint`` writes GPTQ / AWQ exports' tensor layout with random values (for the
-loader's mapping only).
+loader's mapping, and plugin against in-tree); ``fp8_checkpoint`` vLLM's ``fp8`` method's.
+``write_format(name, src, dst)`` writes any of :data:`FORMATS`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,39 @@ SCHEMES: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 ROUTER_IGNORE = "re:.*mlp.gate$"
 EXPERTS_IGNORE = "re:.*mlp.experts.*"
+
+# Tiny-checkpoint sizes every scheme divides (group 128, FP8 blocks of 128).
+QUANT_SIZES = dict(hidden_size=128, intermediate_size=256, moe_intermediate_size=128)
+
+# Parity tolerances of a quantized tiny checkpoint on vLLM's CPU build.
+# bf16 activations (vLLM's CPU WNA16 kernel takes no fp32) against HF's fp32 on the same
+# dequantized weights. This tiny random model is sensitive in bf16: vLLM bf16 on an
+# *unquantized* sibling checkpoint differs from HF fp32 by up to 1.71 (max over every top-5
+# entry, mostly tail entries near -10); quantized siblings measured 0.2-2.2; the mixed-precision
+# checkpoint of tests/test_quantized.py 0.31 decode / 0.20 prefill on one machine. A wrong scale, zero point or
+# shard moves the logprobs by nats and flips tokens early (the unquantized weights against the
+# twin: 6.7 / 7.3, first token flip at position 1). The exact check is plugin = in-tree, and
+# the loader mapping.
+# On 2026-12-07's CI machine (other bf16 CPU kernels, or their thread split) the same checkpoint
+# measured 1.12 decode / 2.72 prefill: the tolerance is 3.5, still half of what wrong weights move.
+HF_TOL = 3.5
+# Plugin and in-tree model: the same vLLM kernels on the same tensors (measured: 0).
+INTREE_TOL = 1e-3
+
+# Checkpoint formats :func:`write_format` writes from a bf16 tiny checkpoint:
+# name -> (writer, its options). ``ct``: compressed-tensors (:data:`SCHEMES`); ``fp8``: vLLM's
+# ``fp8`` method (AutoFP8 / ModelOpt-style per-tensor, DeepSeek-style blocks), the tensors of
+# the compressed-tensors scheme renamed as that layout names them; ``gptq`` / ``awq``: those
+# exports' layout with random values (no dequantized twin).
+FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    **{f"ct-{name}": ("ct", {"scheme": name}) for name in SCHEMES},
+    "ct-fp8-dynamic+kv-scales": ("ct", {"scheme": "fp8-dynamic", "kv_cache_scales": True}),
+    "fp8-per-tensor": ("fp8", {"scheme": "fp8-static"}),
+    "fp8-block": ("fp8", {"scheme": "fp8-block"}),
+    "gptq-g32": ("gptq", {}),
+    "gptq-g32-desc-act": ("gptq", {"desc_act": True}),
+    "awq-g32": ("awq", {}),
+}
 
 
 def _scheme(name: str):
@@ -341,3 +375,23 @@ def _rewrite_index(dst: Path, weight_map: dict[str, str]) -> None:
         index = json.loads((dst / SAFETENSORS_INDEX).read_text())
         index["weight_map"] = weight_map
         (dst / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_format(
+    name: str, src: str | Path, dst: str | Path, keep_experts: bool = False, twin: str | Path | None = None
+) -> tuple[Path, Path | None]:
+    """``dst``: ``src`` (a bf16 tiny checkpoint) written in format ``name`` (:data:`FORMATS`),
+    and its dequantized twin written to ``twin`` where the format has one (else None).
+    ``keep_experts``: the routed experts left bf16 (compressed-tensors formats only)."""
+    writer, options = FORMATS[name]
+    dst = Path(dst)
+    twin_dir = Path(twin) if twin is not None else None
+    if writer == "ct":
+        options = dict(options)
+        return quantize_checkpoint(src, dst, options.pop("scheme"), keep_experts, twin_dir, **options), twin_dir
+    if keep_experts:
+        raise ValueError(f"format {name!r} quantizes every linear layer; keep_experts is for compressed-tensors")
+    if writer == "fp8":
+        ct = quantize_checkpoint(src, dst.with_name(dst.name + ".ct"), options["scheme"], twin=twin_dir)
+        return fp8_checkpoint(ct, dst), twin_dir
+    return packed_int_checkpoint(src, dst, writer, **options), None
