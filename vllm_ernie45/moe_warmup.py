@@ -128,8 +128,10 @@ def layer_step(experts: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], Non
     return step
 
 
-def _launch_step(w13: torch.Tensor, w2: torch.Tensor, top_k: int, config: dict) -> Callable:
-    """A function launching the gate/up and down kernels of one step the way vLLM 0.26's
+def _launch_step(
+    w13: torch.Tensor, w2: torch.Tensor, top_k: int, config: dict, x: torch.Tensor, gen: torch.Generator
+) -> None:
+    """Launch the gate/up and down kernels of one step of ``x`` the way vLLM 0.26's
     ``TritonExperts`` does, on buffers of its own (the fallback where the layer has no
     ``layer_step``; issue 29 measured that the down launch made here misses a specialisation
     of the model's)."""
@@ -139,28 +141,24 @@ def _launch_step(w13: torch.Tensor, w2: torch.Tensor, top_k: int, config: dict) 
 
     num_experts, n2, _ = w13.shape
     compute_type = tl.bfloat16 if w13.dtype == torch.bfloat16 else tl.float16
-
-    def step(x: torch.Tensor, gen: torch.Generator) -> None:
-        tokens, device = x.shape[0], x.device
-        ids = torch.randint(0, num_experts, (tokens, top_k), device=device, dtype=torch.int32, generator=gen)
-        topk_weights = torch.rand(tokens, top_k, device=device, generator=gen)
-        if tokens * top_k * 4 <= num_experts:
-            sorted_ids, expert_ids = None, ids.view(-1)
-            padded = torch.full((1,), ids.numel() * config["BLOCK_SIZE_M"], dtype=torch.int32, device=device)
-        else:
-            sorted_ids, expert_ids, padded = moe_align_block_size(ids, config["BLOCK_SIZE_M"], num_experts)
-        cache1 = torch.empty(tokens, top_k, n2, device=device, dtype=w13.dtype)
-        cache2 = torch.randn(tokens * top_k, n2 // 2, device=device, dtype=w13.dtype, generator=gen)
-        cache3 = torch.empty(tokens, top_k, w2.shape[1], device=device, dtype=w13.dtype)
-        common = dict(compute_type=compute_type, use_fp8_w8a8=False, use_int8_w8a8=False,
-                      use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=False,
-                      block_shape=None, B_bias=None)
-        invoke_fused_moe_triton_kernel(x, w13, cache1, None, None, None, sorted_ids, expert_ids, padded,
-                                       False, top_k, config, **common)
-        invoke_fused_moe_triton_kernel(cache2, w2, cache3, None, None, topk_weights, sorted_ids, expert_ids,
-                                       padded, True, 1, config, **common)
-
-    return step
+    tokens, device = x.shape[0], x.device
+    ids = torch.randint(0, num_experts, (tokens, top_k), device=device, dtype=torch.int32, generator=gen)
+    topk_weights = torch.rand(tokens, top_k, device=device, generator=gen)
+    if tokens * top_k * 4 <= num_experts:
+        sorted_ids, expert_ids = None, ids.view(-1)
+        padded = torch.full((1,), ids.numel() * config["BLOCK_SIZE_M"], dtype=torch.int32, device=device)
+    else:
+        sorted_ids, expert_ids, padded = moe_align_block_size(ids, config["BLOCK_SIZE_M"], num_experts)
+    cache1 = torch.empty(tokens, top_k, n2, device=device, dtype=w13.dtype)
+    cache2 = torch.randn(tokens * top_k, n2 // 2, device=device, dtype=w13.dtype, generator=gen)
+    cache3 = torch.empty(tokens, top_k, w2.shape[1], device=device, dtype=w13.dtype)
+    common = dict(compute_type=compute_type, use_fp8_w8a8=False, use_int8_w8a8=False,
+                  use_int8_w8a16=False, use_int4_w4a16=False, per_channel_quant=False,
+                  block_shape=None, B_bias=None)
+    invoke_fused_moe_triton_kernel(x, w13, cache1, None, None, None, sorted_ids, expert_ids, padded,
+                                   False, top_k, config, **common)
+    invoke_fused_moe_triton_kernel(cache2, w2, cache3, None, None, topk_weights, sorted_ids, expert_ids,
+                                   padded, True, 1, config, **common)
 
 
 def run_steps(
@@ -181,7 +179,7 @@ def run_steps(
                 logits = torch.randn(tokens, num_router_logits, device=w13.device, generator=gen)
                 run_layer(x, logits)
             else:
-                _launch_step(w13, w2, top_k, config_for(tokens))(x, gen)
+                _launch_step(w13, w2, top_k, config_for(tokens), x, gen)
     return "layer" if run_layer is not None else "launch"
 
 
