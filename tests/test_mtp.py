@@ -89,9 +89,18 @@ def agreeing_plain(agreeing_head, prompts, tmp_path_factory):
     return greedy(agreeing_head, tmp_path_factory.mktemp("mtp-agree-plain"), "plain", prompts, EAGER)
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_agreeing_head_is_accepted_and_lossless(k, agreeing_head, agreeing_plain, prompts, tmp_path):
-    result = greedy(agreeing_head, tmp_path, f"k{k}", prompts, mtp(k))
+@pytest.mark.parametrize("k, transposed", [(1, False), (3, True)])
+def test_agreeing_head_is_accepted_and_lossless(k, transposed, agreeing_head, agreeing_plain, prompts, tmp_path):
+    """k = 1 and k = 3 (chained draft steps). At k = 3 the head's ``mtp_linear_proj`` is stored
+    ``[2H, H]`` (reported for some 300B -PT checkpoints; otherwise the same checkpoint): it loads
+    transposed, and the head still agrees, which it would not if the halves were mixed."""
+    model = agreeing_head
+    if transposed:
+        model = make_tiny_checkpoint(tmp_path / "m", "legacy", with_tokenizer=False, mtp_agree=True,
+                                     mtp_transposed=True)  # fmt: skip
+        shape = load_file(str(model / "model.safetensors"))["model.mtp_linear_proj.0.weight"].shape
+        assert tuple(shape) == (128, 64)
+    result = greedy(model, tmp_path, f"k{k}", prompts, mtp(k))
     assert acceptance(result) >= 0.95, result["spec_decode"]
     assert tokens(result) == tokens(agreeing_plain)
 
@@ -104,17 +113,6 @@ def test_another_speculative_method_gets_a_hidden_state_buffer(random_head, rand
     result = greedy(random_head, tmp_path, "ngram", prompts, {**EAGER, "speculative_config": ngram})
     assert result["drafter_hidden_buffer"] is True and random_plain["drafter_hidden_buffer"] is False
     assert tokens(result) == tokens(random_plain)
-
-
-def test_transposed_projection_is_detected(prompts, tmp_path):
-    """``mtp_linear_proj`` stored ``[2H, H]`` (reported for some 300B -PT checkpoints) loads
-    transposed: the agreeing head still agrees, which it would not if the halves were mixed."""
-    model = make_tiny_checkpoint(tmp_path / "m", "legacy", with_tokenizer=False, mtp_agree=True,
-                                 mtp_transposed=True)  # fmt: skip
-    shape = load_file(str(model / "model.safetensors"))["model.mtp_linear_proj.0.weight"].shape
-    assert tuple(shape) == (128, 64)
-    result = greedy(model, tmp_path, "k1", prompts, mtp(1))
-    assert acceptance(result) >= 0.95, result["spec_decode"]
 
 
 MTP_1 = {"method": "mtp", "num_speculative_tokens": 1}
