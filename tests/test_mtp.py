@@ -51,14 +51,14 @@ def agreeing_head(tmp_path_factory):
     )
 
 
-def greedy(model, tmp_path, name: str, prompts, vllm_args: dict) -> dict:
+def greedy(model, tmp_path, name: str, prompts, vllm_args: dict, **options) -> dict:
     env = None
     if vllm_args.get("tensor_parallel_size", 1) > 1:
         # vLLM's CPU workers bind their OpenMP threads per NUMA node; one node here, so bind
         # each worker to a core by hand.
         env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     return run_vllm_greedy(model, tmp_path / f"{name}.json", prompts=prompts, max_tokens=MAX_TOKENS,
-                           top_k=1, vllm_args=vllm_args, env=env)  # fmt: skip
+                           top_k=1, vllm_args=vllm_args, env=env, **options)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +103,93 @@ def test_agreeing_head_is_accepted_and_lossless(k, transposed, agreeing_head, ag
     result = greedy(model, tmp_path, f"k{k}", prompts, mtp(k))
     assert acceptance(result) >= 0.95, result["spec_decode"]
     assert tokens(result) == tokens(agreeing_plain)
+
+
+# --------------------------------------------------------------------------- tokens that change
+# (vllm_ernie45.testing.tiny.mtp_agree: the cycle construction, issue 33)
+
+CYCLE_SEED = 0
+
+
+@pytest.fixture(scope="module")
+def cycle(tmp_path_factory, prompts):
+    """An agreeing checkpoint whose untied head makes the model walk one cycle through the
+    vocabulary, its plain greedy run, and the cycle's inverse (the next token of ``t`` is
+    ``inverse[t]``)."""
+    import torch
+
+    from vllm_ernie45.testing.tiny.mtp_agree import cycle_permutation
+
+    tmp = tmp_path_factory.mktemp("mtp-cycle")
+    model = make_tiny_checkpoint(tmp / "m", "legacy", with_tokenizer=False, mtp_agree=True,
+                                 mtp_cycle_seed=CYCLE_SEED, tie_word_embeddings=False)  # fmt: skip
+    sigma = cycle_permutation(json.loads((model / "config.json").read_text())["vocab_size"], CYCLE_SEED)
+    inverse = torch.empty_like(sigma)
+    inverse[sigma] = torch.arange(sigma.numel())
+    return {"model": model, "plain": greedy(model, tmp, "plain", prompts, EAGER), "sigma": sigma,
+            "inverse": inverse.tolist()}  # fmt: skip
+
+
+def test_cycle_construction_agrees_while_every_token_changes(cycle, agreeing_head, agreeing_plain, prompts, tmp_path):
+    """The plain run's tokens follow the cycle (each the inverse permutation of the one before,
+    none repeated); the draft is accepted at k = 2 and the tokens stay the plain run's; and a
+    verification step's three tokens route to more experts than the same-token construction's
+    (which repeats one token: top_k experts per layer)."""
+    from vllm_ernie45.testing.tiny.expert_reads import experts_per_step
+
+    inverse = cycle["inverse"]
+    for prompt, output in zip(json.loads(prompts.read_text()), tokens(cycle["plain"])):
+        walk = [prompt[-1], *output]
+        assert all(inverse[a] == b for a, b in zip(walk, walk[1:])), walk
+        assert len(set(output)) == len(output)
+    result = greedy(cycle["model"], tmp_path, "k2", prompts, mtp(2))
+    assert acceptance(result) >= 0.95, result["spec_decode"]
+    assert tokens(result) == tokens(cycle["plain"])
+
+    top_k = json.loads((agreeing_head / "config.json").read_text())["moe_k"]
+    same = experts_per_step(agreeing_head, tokens(agreeing_plain)[0], window=3)
+    changing = experts_per_step(cycle["model"], tokens(cycle["plain"])[0], window=3)
+    assert all(count == top_k for counts in same.values() for count in counts), same
+    mean = {layer: sum(counts) / len(counts) for layer, counts in changing.items()}
+    print("distinct experts per layer per 3-token step: same-token", top_k, "cycle", mean)
+    assert all(value > top_k + 1 for value in mean.values()), mean
+
+
+WRONG_FRACTION = 0.3
+
+
+def test_acceptance_set_by_the_construction(cycle, prompts, tmp_path):
+    """A checkpoint with the head of a set acceptance (30 % of the vocabulary drafted wrong),
+    the loaded draft's final norm switched in place (``make_loaded_models_cycle(head=False)``:
+    vLLM's CPU build computes the head from a packed copy, so the head comes from the
+    checkpoint): tokens still the cycle's, and vLLM's accepted-draft count is exactly the one
+    the construction implies -- the draft for the token after ``t`` is ``tau``'s inverse at
+    ``t``, right where it equals the cycle's."""
+    import torch
+
+    from vllm_ernie45.testing.tiny.mtp_agree import with_wrong_drafts
+
+    model = make_tiny_checkpoint(tmp_path / "m", "legacy", with_tokenizer=False, mtp_agree=True,
+                                 mtp_cycle_seed=CYCLE_SEED, mtp_wrong_fraction=WRONG_FRACTION,
+                                 tie_word_embeddings=False)  # fmt: skip
+    result = greedy(model, tmp_path, "k1", prompts, mtp(1), rpc="vllm_ernie45.testing.tiny.mtp_agree:make_loaded_models_cycle",
+                    rpc_kwargs={"seed": CYCLE_SEED, "wrong_fraction": WRONG_FRACTION, "head": False})  # fmt: skip
+    assert result["rpc"] == {"target": 1, "draft": 1}
+    assert tokens(result) == tokens(cycle["plain"])
+    tau = with_wrong_drafts(cycle["sigma"], WRONG_FRACTION, CYCLE_SEED)
+    tau_inverse = torch.empty_like(tau)
+    tau_inverse[tau] = torch.arange(tau.numel())
+    expected = [0, 0]
+    for prompt, output in zip(json.loads(prompts.read_text()), tokens(cycle["plain"])):
+        sequence = prompt + output
+        drafts = [tau_inverse[t].item() for t in sequence[1:]]  # position i drafts token i + 2
+        drafted, accepted = _simulated_k1(len(prompt), sequence, drafts)
+        expected[0] += accepted
+        expected[1] += drafted
+    counts = result["spec_decode"]
+    print("accepted / drafted", counts["accepted_tokens"], counts["drafts"], "expected", expected)
+    assert 0 < expected[0] < expected[1]
+    assert [counts["accepted_tokens"], counts["drafts"]] == expected, (counts, expected)
 
 
 def test_another_speculative_method_gets_a_hidden_state_buffer(random_head, random_plain, prompts, tmp_path):

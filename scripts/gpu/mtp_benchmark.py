@@ -14,8 +14,12 @@ Every run measures each scenario twice on the same engine: first with the dummy 
 weights -- the draft never agrees, acceptance ~0 -- then after
 ``vllm_ernie45.testing.tiny.mtp_agree.make_loaded_models_agree`` has rewritten the loaded weights in
 place so that the MTP head agrees with the model by construction (acceptance ~1); the plain run
-gets the same rewrite, so its timing is on the same weights. Scenarios: ``bs1`` (1 x 128 in /
-256 out) and ``bs32`` (32 x 512 / 256).
+gets the same rewrite, so its timing is on the same weights. ``--phases random,agree,cycle,cycle70``
+adds two states after those (issue 33; ``mtp_agree.make_loaded_models_cycle``, untied head):
+``cycle``, every draft right while the generated token -- and the experts a verification step
+reads -- changes every step, as on real text (the ``agree`` state repeats one token), and
+``cycle70``, 30 % of the vocabulary drafted wrong (acceptance ~0.7). Scenarios: ``bs1`` (1 x
+128 in / 256 out), ``bs4`` (4 x 128 / 256), ``bs32`` (32 x 512 / 256), ``bs256`` (256 x 512 / 256).
 
 Reported per run, scenario and phase: ms per output token, output tok/s, target steps per
 request (vLLM's draft counter / requests), ms per step, draft acceptance (accepted / drafted
@@ -42,8 +46,15 @@ from benchmark import _prompts, bench_parser, child_command, gpu_facts, parse_be
 
 from vllm_ernie45.child_run import close_llm, write_result
 
-SHAPES = {"bs1": (1, 128, 256), "bs32": (32, 512, 256)}
-PHASES = ("random", "agree")
+SHAPES = {"bs1": (1, 128, 256), "bs4": (4, 128, 256), "bs32": (32, 512, 256), "bs256": (256, 512, 256)}
+# Weight states measured in turn on one engine: "random" (dummy weights: drafts rejected),
+# "agree" (mtp_agree.make_loaded_models_agree: every draft right, one token repeated),
+# "cycle" (mtp_agree.make_loaded_models_cycle on top: every draft right, a new token -- and
+# new experts -- every step), "cycle70" (the same with 30 % of the vocabulary drafted wrong:
+# acceptance ~0.7). The cycle phases need an untied head: the config is copied with
+# tie_word_embeddings false (the head is read once a step either way).
+PHASES = ("random", "agree", "cycle", "cycle70")
+WRONG_FRACTION = {"cycle": None, "cycle70": 0.3}
 
 
 def parse_run(run: str) -> tuple[str, int]:
@@ -74,12 +85,15 @@ def child(args) -> int:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc with a function
     from vllm import LLM, SamplingParams
 
-    from vllm_ernie45.testing.tiny.mtp_agree import make_loaded_models_agree
+    from vllm_ernie45.testing.tiny.mtp_agree import make_loaded_models_agree, make_loaded_models_cycle
 
     draft, k = parse_run(args.child)
     model_dir = Path(tempfile.mkdtemp(prefix="ernie-mtp-bench-"))
-    shutil.copy(args.config, model_dir / "config.json")
-    vocab = json.loads(Path(args.config).read_text())["vocab_size"]
+    config = json.loads(Path(args.config).read_text())
+    if any(phase.startswith("cycle") for phase in args.phases):
+        config["tie_word_embeddings"] = False
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
+    vocab = config["vocab_size"]
     engine_args = dict(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True,
                        dtype=args.dtype, max_model_len=4096, seed=0, enable_prefix_caching=False,
                        gpu_memory_utilization=args.gpu_memory_utilization, disable_log_stats=False)
@@ -88,9 +102,13 @@ def child(args) -> int:
     t0 = time.perf_counter()
     llm = LLM(**engine_args)
     result: dict = {"run": args.child, "draft": draft, "k": k, "startup_s": round(time.perf_counter() - t0, 1)}
-    for phase in PHASES:
+    for phase in args.phases:
         if phase == "agree":
             result["agree_rewrite"] = llm.collective_rpc(make_loaded_models_agree)[0]
+        elif phase.startswith("cycle"):
+            result[f"{phase}_rewrite"] = llm.collective_rpc(
+                make_loaded_models_cycle, kwargs={"seed": 0, "wrong_fraction": WRONG_FRACTION[phase]}
+            )[0]
         for scenario in args.scenarios:
             n, prompt_len, out_len = SHAPES[scenario]
             prompts = _prompts(n, prompt_len, vocab, seed=1)
@@ -139,11 +157,11 @@ def summary(results: dict[str, dict], scenarios: list[str]) -> str:
                 ratio = f"{e['ms_per_step'] / base:.3f}" if base else ""
                 lines.append(f"| {run} | {sc} | {phase} | {e['ms_per_token']} | {e['output_tok_s']:,} | "
                              f"{e['ms_per_step']} | {ratio} | {e.get('acceptance', '')} | {e.get('tokens_per_step', '')} |")
-    lines += ["", "Projected ms/token from the measured step at acceptance ~1 (bs1):", "",
+    lines += ["", "Projected ms/token from the measured step at acceptance ~1 (bs1; the cycle phase where run):", "",
               "| run | step ms | a=0.5 | a=0.7 | a=0.9 | a=1 |", "|---|---|---|---|---|---|"]
     for run, res in results.items():
         _, k = parse_run(run)
-        e = res.get("bs1/agree")
+        e = res.get("bs1/cycle") or res.get("bs1/agree")  # tokens that change, where measured
         if not e or not k:
             continue
         proj = [f"{projection(e['ms_per_step'], k, a):.3f}" for a in (0.5, 0.7, 0.9, 1.0)]
@@ -154,7 +172,15 @@ def summary(results: dict[str, dict], scenarios: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = bench_parser(__doc__.splitlines()[0], "bs1,bs32", "out/mtp.json")
     parser.add_argument("--runs", default="plain,plugin:1,intree:1")
+    parser.add_argument("--phases", default="random,agree",
+                        help=f"weight states, in order, of {', '.join(PHASES)} (cycle ones after agree)")
     args = parse_bench_args(parser, argv)
+    phases = args.phases.split(",") if isinstance(args.phases, str) else args.phases
+    if any(p not in PHASES for p in phases) or (
+        any(p.startswith("cycle") for p in phases) and "agree" not in phases[: min(i for i, p in enumerate(phases) if p.startswith("cycle"))]
+    ):
+        parser.error(f"--phases {args.phases}: names from {PHASES}, with agree before any cycle phase")
+    args.phases = phases
     if args.child:
         return child(args)
     out = Path(args.out)
@@ -163,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         draft, _ = parse_run(run)
         part = out.with_name(f"{out.stem}.{run.replace(':', '-k')}.json")
-        cmd = child_command(__file__, run, args, part)
+        cmd = child_command(__file__, run, args, part) + ["--phases", ",".join(args.phases)]
         env = {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
                "VLLM_ERNIE45_MTP_DRAFT": "intree" if draft == "intree" else "plugin"}
         run_child(run, cmd, env, part, results)

@@ -107,9 +107,14 @@ def run_vllm(
     dtype: str,
     extra: dict[str, Any] | None = None,
     lora: str | None = None,
+    rpc: str | None = None,
+    rpc_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Greedy decode through ``vllm.LLM``; ``lora`` (a PEFT adapter folder) serves every prompt
-    through that adapter (``enable_lora`` and a ``LoRARequest``)."""
+    through that adapter (``enable_lora`` and a ``LoRARequest``); ``rpc`` (``module:function``)
+    is called in every worker (``LLM.collective_rpc``, with ``rpc_kwargs``) after loading and
+    before generating -- an in-place rewrite of the loaded weights, say -- and what the first
+    worker returns is the result's ``rpc``."""
     if not apply_model_allowed():
         # vLLM would refuse (or hang on) the pickled function of apply_model below.
         raise RuntimeError(
@@ -149,6 +154,12 @@ def run_vllm(
     from vllm_ernie45.testing.parity import model_facts as by_reference
 
     facts = llm.apply_model(by_reference)[0]
+    rpc_result = None
+    if rpc:
+        import importlib
+
+        module, _, name = rpc.partition(":")
+        rpc_result = llm.collective_rpc(getattr(importlib.import_module(module), name), kwargs=rpc_kwargs or {})[0]
     params = SamplingParams(
         temperature=0.0,
         max_tokens=max_tokens,
@@ -179,7 +190,8 @@ def run_vllm(
                 ],
             }
         )
-    return {"engine": "vllm", **facts, "outputs": outputs, "spec_decode": spec_decode, "_shutdown": shutdown}
+    return {"engine": "vllm", **facts, "outputs": outputs, "spec_decode": spec_decode, "rpc": rpc_result,
+            "_shutdown": shutdown}  # fmt: skip
 
 
 def run_hf(
@@ -312,7 +324,7 @@ def _child_command(engine: str, model: str | Path, out: str | Path, options: dic
         if isinstance(value, bool):  # a switch: given when true
             cli_args += [flag] if value else []
         else:
-            cli_args += [flag, json.dumps(value) if key == "vllm_args" else str(value)]
+            cli_args += [flag, json.dumps(value) if key in ("vllm_args", "rpc_kwargs") else str(value)]
     return [sys.executable, "-m", "vllm_ernie45.testing.parity", *cli_args]
 
 
@@ -446,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", help="all output of this process and of those it starts (vLLM's engine) to this file")
     parser.add_argument("--lora", help="a PEFT LoRA adapter folder every prompt goes through")
     parser.add_argument("--lora-merged", action="store_true", help="HF: merge the adapter into the weights")
+    parser.add_argument("--rpc", help="vLLM: module:function to call in every worker after loading (LLM.collective_rpc)")
+    parser.add_argument("--rpc-kwargs", default="{}", help="its keyword arguments, as JSON")
     args = parser.parse_args(argv)
     if args.log:
         _output_to(args.log)
@@ -457,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = default_prompts(config["vocab_size"])
     if args.engine == "vllm":
         result = run_vllm(
-            args.model, prompts, args.max_tokens, args.top_k, args.dtype, json.loads(args.vllm_args), args.lora
+            args.model, prompts, args.max_tokens, args.top_k, args.dtype, json.loads(args.vllm_args), args.lora,
+            args.rpc, json.loads(args.rpc_kwargs),
         )
     else:
         track = json.loads(Path(args.track).read_text()) if args.track else None

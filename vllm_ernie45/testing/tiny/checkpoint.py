@@ -142,17 +142,22 @@ def _legacy_config(path: Path) -> None:
     path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-def _add_mtp_tensors(out_dir: Path, config: Any, seed: int, transposed: bool, agree: bool) -> None:
+def _add_mtp_tensors(
+    out_dir: Path, config: Any, seed: int, transposed: bool, agree: bool, cycle_seed: int | None = None,
+    wrong_fraction: float | None = None,
+) -> None:
     """Add ERNIE's MTP head (every tensor of ``vllm_ernie45.checkpoint.mtp_schema``) with random
     values at the scales of ``_randomise``; ``transposed``: ``mtp_linear_proj`` stored ``[2H, H]``
     as some 300B-A47B -PT checkpoints do; ``agree``: the whole checkpoint made to agree with
-    its MTP head by construction (``vllm_ernie45.testing.tiny.mtp_agree``)."""
+    its MTP head by construction (``vllm_ernie45.testing.tiny.mtp_agree``); ``cycle_seed``: and
+    its untied head rewritten so the model walks a cycle through the vocabulary (``make_cycle``;
+    ``wrong_fraction``: the head of a set acceptance, the final norm on half A)."""
     import torch
     from safetensors.torch import load_file, save_file
 
     from vllm_ernie45.checkpoint import mtp_schema
     from vllm_ernie45.config import arch_from_config
-    from vllm_ernie45.testing.tiny.mtp_agree import make_agree
+    from vllm_ernie45.testing.tiny.mtp_agree import cycle_permutation, make_agree, make_cycle, with_wrong_drafts
 
     gen = torch.Generator().manual_seed(seed + 1)
     file = out_dir / "model.safetensors"
@@ -171,6 +176,12 @@ def _add_mtp_tensors(out_dir: Path, config: Any, seed: int, transposed: bool, ag
         tensors[name] = value.to(tensors["model.norm.weight"].dtype)
     if agree:
         make_agree(tensors.items())
+    if cycle_seed is not None:
+        if not agree:
+            raise ValueError("mtp_cycle_seed rewrites an agreeing checkpoint's head: pass mtp_agree=True")
+        sigma = cycle_permutation(config.vocab_size, cycle_seed)
+        tau = None if wrong_fraction is None else with_wrong_drafts(sigma, wrong_fraction, cycle_seed)
+        make_cycle(tensors.items(), sigma, tau)
     save_file(tensors, str(file), metadata={"format": "pt"})
 
 
@@ -182,6 +193,8 @@ def make_tiny_checkpoint(
     with_tokenizer: bool = True,
     mtp_transposed: bool = False,
     mtp_agree: bool = False,
+    mtp_cycle_seed: int | None = None,
+    mtp_wrong_fraction: float | None = None,
     max_shard_size: str | None = None,
     **overrides: Any,
 ) -> Path:
@@ -192,7 +205,11 @@ def make_tiny_checkpoint(
     safetensors files and ``model.safetensors.index.json``, as every published checkpoint.
     ``legacy`` carries ERNIE's MTP head (single-file checkpoints only); ``mtp_transposed``
     stores its ``mtp_linear_proj`` as ``[2H, H]``, ``mtp_agree`` makes main model and head
-    agree by construction."""
+    agree by construction, ``mtp_cycle_seed`` (with ``mtp_agree`` and
+    ``tie_word_embeddings=False``) makes the model's tokens walk a cycle through the vocabulary
+    (``vllm_ernie45.testing.tiny.mtp_agree.make_cycle``); ``mtp_wrong_fraction`` builds the head
+    of a set acceptance, which takes effect once the loaded draft's norm is switched
+    (``make_loaded_models_cycle(..., head=False)``)."""
     import torch
     from transformers import (
         Ernie4_5Config,
@@ -217,7 +234,7 @@ def make_tiny_checkpoint(
     if variant == "legacy":
         _legacy_config(out / "config.json")
         config.num_nextn_predict_layers = 1
-        _add_mtp_tensors(out, config, seed, mtp_transposed, mtp_agree)
+        _add_mtp_tensors(out, config, seed, mtp_transposed, mtp_agree, mtp_cycle_seed, mtp_wrong_fraction)
     if with_tokenizer:
         from vllm_ernie45.testing.tiny.tokenizer import build_ernie_tokenizer
 
