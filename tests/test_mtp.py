@@ -1,13 +1,15 @@
 """MTP speculative decoding with the plugin's draft (vllm_ernie45.mtp), real vLLM on CPU.
 
 Lossless: greedy tokens with ``speculative_config={"method": "mtp", "num_speculative_tokens":
-k}`` equal those without, for k = 1 and 3 (one draft step, and several chained), a batch of
-four prompts, and under ``tensor_parallel_size=2`` -- on a tiny checkpoint with a random MTP
-head (the draft is rejected: vLLM's rejection path), on one whose head agrees with the model
-by construction (``vllm_ernie45.testing.tiny.mtp_agree``: every draft accepted, which also
-checks the draft's math -- norms, projection, RoPE, shared head -- end to end), and on one that
-agrees in part (both paths in one run; its accepted count equals a reference MTP head's). A
-checkpoint without the MTP head is one clear error.
+k}`` equal those without, a batch of four prompts, on tiny checkpoints with a random MTP head
+(the draft is rejected: vLLM's rejection path; k = 1 and 3), with a head that agrees with the
+model by construction while the model's tokens walk a cycle through the vocabulary
+(``vllm_ernie45.testing.tiny.mtp_agree``: every draft accepted, which also checks the draft's
+math -- norms, projection, RoPE, shared head -- end to end, and a new token every step, as on
+real text; k = 2 and 3), with a set acceptance (30 % of the vocabulary drafted wrong: the
+accepted count exactly the construction's), with a head that agrees in part (its accepted
+count equals a reference MTP head's), and under ``tensor_parallel_size=2``. A checkpoint
+without the MTP head is one clear error.
 """
 
 from __future__ import annotations
@@ -84,27 +86,6 @@ def test_lossless_with_a_rejected_draft(k, random_head, random_plain, prompts, t
     assert counts["drafts"] > 0 and counts["draft_tokens"] == k * counts["drafts"]
 
 
-@pytest.fixture(scope="module")
-def agreeing_plain(agreeing_head, prompts, tmp_path_factory):
-    return greedy(agreeing_head, tmp_path_factory.mktemp("mtp-agree-plain"), "plain", prompts, EAGER)
-
-
-@pytest.mark.parametrize("k, transposed", [(1, False), (3, True)])
-def test_agreeing_head_is_accepted_and_lossless(k, transposed, agreeing_head, agreeing_plain, prompts, tmp_path):
-    """k = 1 and k = 3 (chained draft steps). At k = 3 the head's ``mtp_linear_proj`` is stored
-    ``[2H, H]`` (reported for some 300B -PT checkpoints; otherwise the same checkpoint): it loads
-    transposed, and the head still agrees, which it would not if the halves were mixed."""
-    model = agreeing_head
-    if transposed:
-        model = make_tiny_checkpoint(tmp_path / "m", "legacy", with_tokenizer=False, mtp_agree=True,
-                                     mtp_transposed=True)  # fmt: skip
-        shape = load_file(str(model / "model.safetensors"))["model.mtp_linear_proj.0.weight"].shape
-        assert tuple(shape) == (128, 64)
-    result = greedy(model, tmp_path, f"k{k}", prompts, mtp(k))
-    assert acceptance(result) >= 0.95, result["spec_decode"]
-    assert tokens(result) == tokens(agreeing_plain)
-
-
 # --------------------------------------------------------------------------- tokens that change
 # (vllm_ernie45.testing.tiny.mtp_agree: the cycle construction, issue 33)
 
@@ -130,11 +111,12 @@ def cycle(tmp_path_factory, prompts):
             "inverse": inverse.tolist()}  # fmt: skip
 
 
-def test_cycle_construction_agrees_while_every_token_changes(cycle, agreeing_head, agreeing_plain, prompts, tmp_path):
+def test_cycle_tokens_change_every_step_and_reach_new_experts(cycle, agreeing_head, prompts):
     """The plain run's tokens follow the cycle (each the inverse permutation of the one before,
-    none repeated); the draft is accepted at k = 2 and the tokens stay the plain run's; and a
-    verification step's three tokens route to more experts than the same-token construction's
-    (which repeats one token: top_k experts per layer)."""
+    none repeated), and a verification step's three tokens route to more experts than under
+    the same-token construction (HF on its greedy tokens: one token repeated, top_k experts
+    per layer)."""
+    from vllm_ernie45.testing.parity import run_hf
     from vllm_ernie45.testing.tiny.expert_reads import experts_per_step
 
     inverse = cycle["inverse"]
@@ -142,17 +124,33 @@ def test_cycle_construction_agrees_while_every_token_changes(cycle, agreeing_hea
         walk = [prompt[-1], *output]
         assert all(inverse[a] == b for a, b in zip(walk, walk[1:])), walk
         assert len(set(output)) == len(output)
-    result = greedy(cycle["model"], tmp_path, "k2", prompts, mtp(2))
-    assert acceptance(result) >= 0.95, result["spec_decode"]
-    assert tokens(result) == tokens(cycle["plain"])
-
     top_k = json.loads((agreeing_head / "config.json").read_text())["moe_k"]
-    same = experts_per_step(agreeing_head, tokens(agreeing_plain)[0], window=3)
+    repeated = run_hf(str(agreeing_head), json.loads(prompts.read_text())[:1], MAX_TOKENS, 1, "float32")
+    same = experts_per_step(agreeing_head, repeated["outputs"][0]["tokens"], window=3)
     changing = experts_per_step(cycle["model"], tokens(cycle["plain"])[0], window=3)
     assert all(count == top_k for counts in same.values() for count in counts), same
     mean = {layer: sum(counts) / len(counts) for layer, counts in changing.items()}
     print("distinct experts per layer per 3-token step: same-token", top_k, "cycle", mean)
     assert all(value > top_k + 1 for value in mean.values()), mean
+
+
+@pytest.mark.parametrize("k, transposed", [(2, False), (3, True)])
+def test_agreeing_head_is_accepted_and_lossless(k, transposed, cycle, prompts, tmp_path):
+    """The cycle checkpoint's draft at k = 2 and k = 3 (chained draft steps): every draft
+    accepted, the tokens those of the run without speculation. At k = 3 the head's
+    ``mtp_linear_proj`` is stored ``[2H, H]`` (reported for some 300B -PT checkpoints;
+    otherwise the same checkpoint): it loads transposed, and the head still agrees, which it
+    would not if the halves were mixed."""
+    model = cycle["model"]
+    if transposed:
+        model = make_tiny_checkpoint(tmp_path / "m", "legacy", with_tokenizer=False, mtp_agree=True,
+                                     mtp_cycle_seed=CYCLE_SEED, tie_word_embeddings=False,
+                                     mtp_transposed=True)  # fmt: skip
+        shape = load_file(str(model / "model.safetensors"))["model.mtp_linear_proj.0.weight"].shape
+        assert tuple(shape) == (128, 64)
+    result = greedy(model, tmp_path, f"k{k}", prompts, mtp(k))
+    assert acceptance(result) >= 0.95, result["spec_decode"]
+    assert tokens(result) == tokens(cycle["plain"])
 
 
 WRONG_FRACTION = 0.3
