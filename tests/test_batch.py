@@ -85,9 +85,11 @@ def openai_input(path: Path) -> dict[int, str]:
                       "chat_template_kwargs": {"enable_thinking": False},
                       "structured_outputs": {"regex": CALL_REGEX}}),  # fmt: skip
         chat("think", {"max_tokens": 60, "temperature": 0, "structured_outputs": {"regex": THINK_REGEX}}),
-        chat("plain", {"max_completion_tokens": 6, "chat_template_kwargs": {"enable_thinking": False}}),
+        chat("plain", {"max_completion_tokens": 6, "chat_template_kwargs": {"enable_thinking": False},
+                       "logprobs": True, "top_logprobs": 3}),
         {"custom_id": "cmpl", "method": "POST", "url": "/v1/completions",
-         "body": {"model": "m", "prompt": "Once upon a time", "max_tokens": 5, "n": 2, "temperature": 0.7, "seed": 3}},
+         "body": {"model": "m", "prompt": "Once upon a time", "max_tokens": 5, "n": 2, "temperature": 0.7, "seed": 3,
+                  "logprobs": 2}},
         {"custom_id": "emb", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}},
         chat("bad-body", {"messages": "not a list"}),
         {"method": "POST", "url": "/v1/completions", "body": {"prompt": "no custom_id"}},
@@ -234,10 +236,23 @@ def test_openai_batch_format_and_parsers(work, reference):
 
     plain = by_id["plain"]["response"]["body"]
     assert plain["usage"]["completion_tokens"] <= 6 and "tool_calls" not in plain["choices"][0]["message"]
+    # logprobs as the OpenAI API gives them: one entry per generated token, its top 3 ranked
+    content = plain["choices"][0]["logprobs"]["content"]
+    assert len(content) == plain["usage"]["completion_tokens"]
+    for entry in content:
+        assert entry["bytes"] == list(entry["token"].encode()) and entry["logprob"] <= 0
+        top = [t["logprob"] for t in entry["top_logprobs"]]
+        assert len(top) == 3 and top == sorted(top, reverse=True) and entry["logprob"] <= top[0]
 
     cmpl = by_id["cmpl"]["response"]["body"]
     assert cmpl["object"] == "text_completion" and [c["index"] for c in cmpl["choices"]] == [0, 1]
     assert cmpl["usage"]["completion_tokens"] == 10
+    for choice in cmpl["choices"]:  # the legacy completions layout
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
+        assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(5)]
+        # (two tokens may read as one text: a dict of at most 2)
+        assert all(1 <= len(top) <= 2 and max(top.values()) <= 0 for top in lp["top_logprobs"])
 
     errors = _lines(tmp / "openai-out.jsonl.errors.jsonl")
     assert sorted(e["line"] for e in errors) == sorted(work["openai_bad"])

@@ -398,8 +398,10 @@ class Preparer:
                 raise BadLine(f"invalid body: {_one_line(err)}") from None
             if getattr(request, "use_beam_search", False):
                 raise BadLine("use_beam_search is not supported in a batch")
-            if getattr(request, "logprobs", None) or getattr(request, "prompt_logprobs", None):
-                raise BadLine("logprobs are not supported in a batch (yet)")
+            if getattr(request, "prompt_logprobs", None):
+                raise BadLine("prompt_logprobs are not supported in a batch")
+            if url == COMPLETIONS_URL and request.logprobs is not None and getattr(request, "echo", False):
+                raise BadLine("logprobs with echo (the prompt's logprobs) are not supported in a batch")
             return (self._chat if url == CHAT_URL else self._completion)(line, key, url, request)
         except BadLine as err:
             err.key = key
@@ -532,10 +534,55 @@ def chat_choice(item: Item, output: Any) -> dict:
     return {
         "index": output.index,
         "message": message,
-        "logprobs": None,
+        "logprobs": chat_logprobs(output, request.top_logprobs or 0) if request.logprobs else None,
         "finish_reason": "tool_calls" if tool_calls else (output.finish_reason or "stop"),
         "stop_reason": output.stop_reason,
     }
+
+
+# vLLM's server writes -inf logprobs as this (JSON has no infinity).
+_FLOOR = -9999.0
+
+
+def _ranked(position: dict, top: int) -> list[tuple[str, float]]:
+    """The ``top`` most likely (token text, logprob) of one position's vLLM logprobs."""
+    entries = sorted(position.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob))
+    return [(_token_text(token_id, lp), max(lp.logprob, _FLOOR)) for token_id, lp in entries[:top]]
+
+
+def _token_text(token_id: int, logprob: Any) -> str:
+    text = getattr(logprob, "decoded_token", None)
+    return text if text is not None else f"token_id:{token_id}"
+
+
+def chat_logprobs(output: Any, top: int) -> dict:
+    """A chat choice's ``logprobs`` as the OpenAI API (and ``vllm serve``) give it: per
+    generated token its text, logprob and UTF-8 bytes, and the ``top`` most likely."""
+    content = []
+    for token_id, position in zip(output.token_ids, output.logprobs or []):
+        chosen = position[token_id]
+        text = _token_text(token_id, chosen)
+        content.append({
+            "token": text, "logprob": max(chosen.logprob, _FLOOR), "bytes": list(text.encode("utf-8")),
+            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in _ranked(position, top)],
+        })  # fmt: skip
+    return {"content": content}
+
+
+def completion_logprobs(output: Any, top: int, offset: int = 0) -> dict:
+    """A completion choice's ``logprobs`` in the legacy completions format: tokens, their
+    logprobs, the ``top`` most likely per position (token text -> logprob) and each token's
+    character offset in the returned text (``offset``: where the completion starts)."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token_id, position in zip(output.token_ids, output.logprobs or []):
+        chosen = position[token_id]
+        text = _token_text(token_id, chosen)
+        offsets.append(offset)
+        offset += len(text)
+        tokens.append(text)
+        token_logprobs.append(max(chosen.logprob, _FLOOR))
+        tops.append(dict(_ranked(position, top)))
+    return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": tops}
 
 
 def item_tokenizer(parser: Any) -> Any:
@@ -563,7 +610,8 @@ def openai_record(item: Item, result: Any, model_name: str) -> dict:
             "created": int(time.time()),
             "model": model_name,
             "choices": [
-                {"index": o.index, "text": echo + o.text, "logprobs": None,
+                {"index": o.index, "text": echo + o.text,
+                 "logprobs": None if item.request.logprobs is None else completion_logprobs(o, item.request.logprobs, len(echo)),
                  "finish_reason": o.finish_reason or "stop", "stop_reason": o.stop_reason}  # fmt: skip
                 for o in sorted(result.outputs, key=lambda o: o.index)
             ],
