@@ -125,6 +125,31 @@ def has_triton() -> bool:
     return bool(HAS_TRITON)
 
 
+def register_custom_op(name: str, func: Callable, mutates_args: list[str], fake: Callable) -> None:
+    """Register ``torch.ops.vllm.<name>`` (an op torch.compile keeps opaque) once per process,
+    through vLLM's ``direct_register_custom_op`` (``vllm.utils.torch_utils`` in every
+    supported release). ``func`` must carry real type hints (its schema is read from them)."""
+    import torch
+
+    if hasattr(torch.ops.vllm, name):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op(op_name=name, op_func=func, mutates_args=mutates_args, fake_impl=fake)
+
+
+def fused_moe_call_is_opaque(experts: Any) -> bool:
+    """Whether vLLM's fused-MoE layer runs its routing and kernels inside a custom op that
+    torch.compile does not trace (``torch.ops.vllm.moe_forward[_shared]``: CUDA in every
+    supported release), rather than as Python that it traces (CPU and TPU: ``_moe_forward``),
+    where a routing function's per-step branch on the token count would be fixed at compile
+    time."""
+    import torch
+
+    entry = getattr(experts, "_forward_entry", None)
+    return isinstance(entry, (torch._ops.OpOverloadPacket, torch._ops.OpOverload))
+
+
 def fused_moe_factory() -> Any:
     """The callable that builds vLLM's fused-MoE runner (``FusedMoE`` / ``FusedMoEFactory``)."""
     module = importlib.import_module("vllm.model_executor.layers.fused_moe")

@@ -12,6 +12,14 @@
     divide the shared slices, e.g. EP=2 for the 21B-A3B): per-rank MoE kernels 2-11 % faster
     at <= 64 tokens, 5-9 % slower from 256 (docs/parallelism.md). ``0``: never. Never with
     EPLB or ``use_bias``.
+``VLLM_ERNIE45_SHARED_BESIDE_ABOVE``
+    Where shared experts are fused (above), a per-step choice: a step of more tokens than
+    this number runs them *beside* the routed call instead -- the routed call on top-k
+    routed slots only, the shared slices as dense GEMMs on the same fused weights (no extra
+    memory on CUDA), added to its output (``vllm_ernie45.shared_beside``); steps of at most
+    this many tokens (decode) keep them inside the call. ``off`` (default): always inside.
+    One GPU only (no tensor, data or expert parallelism) and unquantized experts; elsewhere
+    it is ignored. On CPU it applies only where fusion is asked for (tests).
 ``VLLM_ERNIE45_QUANT_SCOPE``
     ``all`` (default): an engine ``quantization`` applies to every linear layer vLLM
     quantizes. ``experts``: only to the MoE experts -- attention projections and dense MLPs
@@ -89,6 +97,19 @@ def fuse_shared_experts(is_cuda: bool, expert_parallel: bool = False) -> bool:
     if value == "auto":
         return is_cuda and not expert_parallel
     return value == "1"
+
+
+def shared_beside_above() -> int | None:
+    """``VLLM_ERNIE45_SHARED_BESIDE_ABOVE``: the token count above which a step runs fused
+    shared experts beside the routed call, or None (``off``)."""
+    value = os.environ.get("VLLM_ERNIE45_SHARED_BESIDE_ABOVE", "off").strip().lower() or "off"
+    if value == "off":
+        return None
+    if not value.isdigit():
+        raise ValueError(
+            f"VLLM_ERNIE45_SHARED_BESIDE_ABOVE={value!r}; give a token count (>= 0) or off"
+        )
+    return int(value)
 
 
 def _choice(name: str, default: str, choices: tuple[str, ...]) -> str:

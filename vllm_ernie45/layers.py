@@ -212,6 +212,23 @@ class ErnieMoE(nn.Module):
         self.e_score_correction_bias = nn.Parameter(
             torch.empty(arch.num_experts, dtype=torch.float32), requires_grad=False
         )
+        # Issue 29: fused shared experts beside the routed call in steps above a token count
+        # (vllm_ernie45.shared_beside); registered before the fused-MoE layer (its weight hook
+        # must run before vLLM processes the experts' weights).
+        self.shared_beside = None
+        beside_above = envs.shared_beside_above()
+        if beside_above is not None and self.fused_shared:
+            alone = tp_size == 1 and ep_size == 1 and parallel_config.data_parallel_size == 1
+            if alone and quant_config is None:
+                from vllm_ernie45.shared_beside import SharedBeside
+
+                self.shared_beside = SharedBeside(self.fused_layout, arch.moe_intermediate_size, beside_above)
+            else:
+                logger.warning_once(
+                    "VLLM_ERNIE45_SHARED_BESIDE_ABOVE ignored: one GPU with unquantized experts only "
+                    "(tensor parallel %d, expert parallel %d, data parallel %d, quantization %s).",
+                    tp_size, ep_size, parallel_config.data_parallel_size, quant_config,
+                )
         self.shared_experts: ErnieMLP | None = None
         if arch.num_shared_experts and not self.fused_shared:
             self.shared_experts = ErnieMLP(
@@ -235,6 +252,7 @@ class ErnieMoE(nn.Module):
                 arch.moe_norm_min,
                 backend=envs.router_backend(is_cuda),
                 layout=self.fused_layout,
+                beside=self.shared_beside,
             ),
             enable_eplb=enable_eplb,
             num_redundant_experts=self.n_redundant_experts,
@@ -242,15 +260,29 @@ class ErnieMoE(nn.Module):
             router_logits_dtype=torch.float32,
         )
         compat.fit_cpu_experts(self.experts)
+        if self.shared_beside is not None:
+            self.shared_beside.attach(self.experts)
+            if not (vllm_config.model_config.enforce_eager or compat.fused_moe_call_is_opaque(self.experts)):
+                self.shared_beside.above = None  # inert: the router keeps the shared slots
+                logger.warning_once(
+                    "VLLM_ERNIE45_SHARED_BESIDE_ABOVE ignored: on this platform vLLM's fused-MoE call "
+                    "is traced by torch.compile, which would fix the per-step choice at compile time "
+                    "(it applies on CUDA, or with enforce_eager)."
+                )
         # Issue 29: the fused-MoE kernels of the eager (prefill / mixed) steps compiled at
         # start-up rather than inside the first requests that meet them (vllm_ernie45.moe_warmup).
         if is_cuda and ep_size == 1 and not enable_eplb and envs.moe_warmup():
             from vllm_ernie45.moe_warmup import KernelWarmup, eager_token_range
 
             low, high = eager_token_range(vllm_config)
-            self.kernel_warmup = KernelWarmup(
-                self.experts, arch.top_k + num_fused, low, high, num_router_logits=arch.num_experts
-            )
+            top_k = arch.top_k + num_fused
+            if self.shared_beside is not None:  # steps it takes launch the routed slots only
+                beside = self.shared_beside
+
+                def top_k(tokens: int, inside: int = top_k, routed: int = arch.top_k) -> int:
+                    return routed if beside.takes(tokens) else inside
+
+            self.kernel_warmup = KernelWarmup(self.experts, top_k, low, high, num_router_logits=arch.num_experts)
 
     @property
     def fused_shared(self) -> bool:
@@ -260,6 +292,12 @@ class ErnieMoE(nn.Module):
         shape = hidden_states.shape
         hidden_states = hidden_states.view(-1, shape[-1])
         router_logits, _ = self.gate(hidden_states.float())
+        beside = self.shared_beside
+        if beside is not None and beside.above is not None:  # fixed once the weights are loaded
+            shared = beside.shared_output(hidden_states)
+            out = self.experts(hidden_states=hidden_states, router_logits=router_logits)
+            beside.add_to(out, shared)
+            return out.view(shape)
         out = self.experts(hidden_states=hidden_states, router_logits=router_logits)
         return out.view(shape)
 

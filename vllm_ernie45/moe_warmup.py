@@ -73,13 +73,22 @@ def launch_key(tokens: int, top_k: int, num_experts: int, config: dict) -> tuple
     return cfg, naive, _int_spec(em_w13), _int_spec(em_w2), _int_spec(pairs)
 
 
+TopK = int | Callable[[int], int]
+
+
+def top_k_of(top_k: TopK, tokens: int) -> int:
+    """The slots per token a step of ``tokens`` tokens launches: fixed, or chosen per step
+    (fused shared experts beside the call in large steps: ``vllm_ernie45.shared_beside``)."""
+    return top_k(tokens) if callable(top_k) else top_k
+
+
 def plan(
-    token_counts: Iterable[int], top_k: int, num_experts: int, config_for: Callable[[int], dict]
+    token_counts: Iterable[int], top_k: TopK, num_experts: int, config_for: Callable[[int], dict]
 ) -> list[int]:
     """One representative token count per distinct launch key, smallest first."""
     seen: dict[tuple, int] = {}
     for tokens in token_counts:
-        key = launch_key(tokens, top_k, num_experts, config_for(tokens))
+        key = (top_k_of(top_k, tokens),) + launch_key(tokens, top_k_of(top_k, tokens), num_experts, config_for(tokens))
         seen.setdefault(key, tokens)
     return sorted(seen.values())
 
@@ -162,7 +171,7 @@ def _launch_step(
 
 
 def run_steps(
-    experts: nn.Module, sizes: list[int], top_k: int, num_router_logits: int | None,
+    experts: nn.Module, sizes: list[int], top_k: TopK, num_router_logits: int | None,
     config_for: Callable[[int], dict],
 ) -> str:
     """One step of each token count in ``sizes`` through ``experts``: through the layer's own
@@ -179,12 +188,12 @@ def run_steps(
                 logits = torch.randn(tokens, num_router_logits, device=w13.device, generator=gen)
                 run_layer(x, logits)
             else:
-                _launch_step(w13, w2, top_k, config_for(tokens), x, gen)
+                _launch_step(w13, w2, top_k_of(top_k, tokens), config_for(tokens), x, gen)
     return "layer" if run_layer is not None else "launch"
 
 
 def warm_up_fused_moe(
-    experts: nn.Module, top_k: int, low: int, high: int, logger=None, num_router_logits: int | None = None
+    experts: nn.Module, top_k: TopK, low: int, high: int, logger=None, num_router_logits: int | None = None
 ) -> dict:
     """Compile what the eager steps of ``experts`` (vLLM's fused-MoE layer, unquantized,
     Triton backend) will launch for token counts in (``low``, ``high``]; once per process and
@@ -203,13 +212,14 @@ def warm_up_fused_moe(
     from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
 
     num_experts = w13.shape[0]
-    done_key = (tuple(w13.shape), tuple(w2.shape), w13.dtype, top_k, low, high, w13.device.index)
+    top_ks = tuple(top_k_of(top_k, tokens) for tokens in (low + 1, high))  # per-step choice: both ends
+    done_key = (tuple(w13.shape), tuple(w2.shape), w13.dtype, top_ks, low, high, w13.device.index)
     if done_key in _DONE:
         return {"skipped": "done for this shape"}
     _DONE.add(done_key)
 
     def config_for(tokens: int) -> dict:
-        return dict(try_get_optimal_moe_config(w13.size(), w2.size(), top_k, None, tokens))
+        return dict(try_get_optimal_moe_config(w13.size(), w2.size(), top_k_of(top_k, tokens), None, tokens))
 
     sizes = plan(range(low + 1, high + 1), top_k, num_experts, config_for)
     started = time.perf_counter()
@@ -217,11 +227,11 @@ def warm_up_fused_moe(
     torch.cuda.synchronize(w13.device)
     torch.cuda.empty_cache()
     report = {"token_counts": sizes, "seconds": round(time.perf_counter() - started, 1), "range": [low, high],
-              "experts": num_experts, "top_k": top_k, "path": path}
+              "experts": num_experts, "top_k": sorted({top_k_of(top_k, t) for t in sizes}), "path": path}
     (logger or _logger()).info(
             "vllm-ernie45: compiled the fused-MoE kernels of %d (config, specialisation) pairs for "
-            "eager steps of %d-%d tokens (E=%d, top-%d, through the %s) in %.1f s.",
-            len(sizes), low + 1, high, num_experts, top_k,
+            "eager steps of %d-%d tokens (E=%d, top-%s, through the %s) in %.1f s.",
+            len(sizes), low + 1, high, num_experts, "/".join(map(str, report["top_k"])),
             "layer's router and kernel" if path == "layer" else "kernels directly", report["seconds"],
     )
     return report
@@ -233,7 +243,7 @@ class KernelWarmup(nn.Module):
     :func:`warm_up_fused_moe` on that layer."""
 
     def __init__(
-        self, experts: nn.Module, top_k: int, low: int, high: int, logger=None, num_router_logits: int | None = None
+        self, experts: nn.Module, top_k: TopK, low: int, high: int, logger=None, num_router_logits: int | None = None
     ) -> None:
         super().__init__()
         from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase

@@ -44,10 +44,15 @@ def _custom_routing(
     norm_min: float,
     layout: FusedExpertLayout | None,
     select: Callable,
+    beside=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # ERNIE always renormalises (with its own floor); vLLM's flag is not consulted. With
     # fused shared experts vLLM's top-k counts the shared slots too.
     num_shared = layout.num_shared if layout else 0
+    if beside is not None and beside.takes(gating_output.shape[0]):
+        # This step runs the shared slices beside the call (vllm_ernie45.shared_beside; one
+        # GPU, so routed slot = expert id): the routed slots only.
+        return select(gating_output, e_score_correction_bias, topk - num_shared, norm_min, None)
     return select(gating_output, e_score_correction_bias, topk - num_shared, norm_min, layout)
 
 
@@ -77,6 +82,7 @@ def make_routing_function(
     norm_min: float,
     backend: str = "torch",
     layout: FusedExpertLayout | None = None,
+    beside=None,
 ) -> Callable:
     """A ``custom_routing_function`` for vLLM's fused MoE bound to one layer's bias tensor
     (the Parameter itself, so weights loaded into it later are seen).
@@ -85,6 +91,8 @@ def make_routing_function(
     ``layout`` gives them (``vllm_ernie45.expert_layout``), selected for every token with
     weight 1 (vLLM's top-k is then k + S); routed experts are returned as their slots.
     ``backend``: ``torch`` (any device) or ``triton`` (one CUDA kernel).
+    ``beside``: the layer's ``vllm_ernie45.shared_beside.SharedBeside`` (or None): in a step
+    it ``takes``, the shared slots are left out (it computes them beside the call).
     """
     if backend == "triton":
         from vllm_ernie45.routing_triton import ernie_select_experts_triton as select
@@ -98,4 +106,5 @@ def make_routing_function(
         norm_min=norm_min,
         layout=layout,
         select=select,
+        beside=beside,
     )

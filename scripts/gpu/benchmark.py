@@ -84,7 +84,17 @@ def impl_env(name: str) -> dict[str, str]:
     machine; the reference script shares both, so a second process there starts warmer)."""
     root = os.path.join(os.environ.get("VLLM_CACHE_ROOT") or os.path.expanduser("~/.cache/vllm"), f"impl-{name}")
     return {**os.environ, "VLLM_WORKER_MULTIPROC_METHOD": "spawn", "VLLM_CACHE_ROOT": root,
-            "TRITON_CACHE_DIR": os.path.join(root, "triton"), **IMPLS[name]}
+            "TRITON_CACHE_DIR": os.path.join(root, "triton"), **impl_switches(name)}
+
+
+def impl_switches(name: str) -> dict[str, str]:
+    """IMPLS[name]; ``plugin-beside<N>``: the plugin with VLLM_ERNIE45_SHARED_BESIDE_ABOVE=N (fused
+    shared experts beside the routed call in steps of more than N tokens; issue 29)."""
+    if name.startswith("plugin-beside") and name[len("plugin-beside"):].isdigit():
+        return {"VLLM_ERNIE45_SHARED_BESIDE_ABOVE": name[len("plugin-beside"):]}
+    if name not in IMPLS:
+        raise SystemExit(f"unknown implementation {name!r}: {sorted(IMPLS)} or plugin-beside<N>")
+    return IMPLS[name]
 
 
 def write_quantized_config(config: str, scheme: str, path: Path) -> Path:

@@ -48,6 +48,12 @@ ENGINES = {
         EAGER,
     ),
     "plugin-fp8": ({}, {**EAGER, "quantization": "fp8"}),
+    # Issue 29's per-step choice, compiled with CUDA graphs (the ops inside vLLM's graph):
+    # steps above 8 tokens (the prefill) run the shared slices beside the routed call, the
+    # decode steps inside it; beside0: every step beside (captured decode graphs too).
+    "plugin-compiled": ({}, {}),
+    "plugin-beside8": ({"VLLM_ERNIE45_SHARED_BESIDE_ABOVE": "8"}, {}),
+    "plugin-beside0": ({"VLLM_ERNIE45_SHARED_BESIDE_ABOVE": "0"}, {}),
     "intree": ({"VLLM_PLUGINS": ""}, EAGER),
     # Parallel layouts (2 GPUs): each also compared with the one-GPU plugin run.
     "plugin-tp2": ({}, {**EAGER, "tensor_parallel_size": 2}),
@@ -98,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                                      track=out)
             cmp = compare(runs[engine], reference)
             report[f"{ck} {engine} vs hf"] = {**cmp.__dict__, "model_class": runs[engine].get("model_class"),
-                                             "fused_shared": runs[engine].get("fused_shared")}
+                                             "fused_shared": runs[engine].get("fused_shared"),
+                                             "shared_beside": runs[engine].get("shared_beside")}
             print(f"{ck:10s} {engine:24s} vs HF      : {cmp.summary()}", flush=True)
         for other in [e for e in runs if e != "plugin"]:
             if "plugin" in runs:

