@@ -138,6 +138,18 @@ def register_custom_op(name: str, func: Callable, mutates_args: list[str], fake:
     direct_register_custom_op(op_name=name, op_func=func, mutates_args=mutates_args, fake_impl=fake)
 
 
+def fused_moe_weights_owner(experts: Any) -> Any:
+    """The module inside vLLM's fused-MoE layer that holds ``w13_weight`` and ``w2_weight``
+    (the layer itself on 0.26's ``FusedMoE`` path, its ``routed_experts`` from 0.27), or None."""
+    import torch
+
+    for module in experts.modules():
+        w13, w2 = getattr(module, "w13_weight", None), getattr(module, "w2_weight", None)
+        if isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor):
+            return module
+    return None
+
+
 def fused_moe_call_is_opaque(experts: Any) -> bool:
     """Whether vLLM's fused-MoE layer runs its routing and kernels inside a custom op that
     torch.compile does not trace (``torch.ops.vllm.moe_forward[_shared]``: CUDA in every

@@ -41,6 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vllm_ernie45 import compat
+
 _DONE: set[tuple] = set()
 # Under vLLM's logger namespace, so vLLM's logging configuration prints it (a logger named
 # after this module, outside "vllm.", printed nothing on the GPU run of issue 29).
@@ -104,11 +106,8 @@ def eager_token_range(vllm_config: Any) -> tuple[int, int]:
 
 
 def _expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
-    for module in experts.modules():
-        w13, w2 = getattr(module, "w13_weight", None), getattr(module, "w2_weight", None)
-        if isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor):
-            return w13, w2
-    return None
+    owner = compat.fused_moe_weights_owner(experts)
+    return None if owner is None else (owner.w13_weight, owner.w2_weight)
 
 
 def _logger():

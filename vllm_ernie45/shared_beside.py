@@ -97,15 +97,6 @@ compat.register_custom_op("ernie45_shared_beside", _shared_beside, [], _shared_b
 compat.register_custom_op("ernie45_add_shared_beside", _add_shared_beside, ["out"], _add_shared_beside_fake)
 
 
-def _weights_owner(experts: nn.Module) -> nn.Module | None:
-    """The module inside vLLM's fused-MoE layer that holds ``w13_weight`` and ``w2_weight``."""
-    for module in experts.modules():
-        w13, w2 = getattr(module, "w13_weight", None), getattr(module, "w2_weight", None)
-        if isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor):
-            return module
-    return None
-
-
 def _weights_stay_as_loaded(experts: nn.Module) -> bool:
     """Whether vLLM runs these experts on its Triton backend, which keeps the loaded layout."""
     routed = getattr(experts, "routed_experts", None)
@@ -164,7 +155,7 @@ class SharedBeside(nn.Module):
         them beside the call (None: it can)."""
         if self.above is None:
             return None  # switched off when built
-        owner = _weights_owner(self._target["experts"])
+        owner = compat.fused_moe_weights_owner(self._target["experts"])
         if owner is None:
             return "the fused-MoE layer has no w13_weight / w2_weight"
         self._target["weights_owner"] = owner
