@@ -555,17 +555,21 @@ def _token_text(token_id: int, logprob: Any) -> str:
     return text if text is not None else f"token_id:{token_id}"
 
 
+def _generated_logprobs(output: Any, top: int) -> Iterator[tuple[str, float, list[tuple[str, float]]]]:
+    """Per generated token: its text, its logprob (-inf as the floor) and the ``top`` most likely."""
+    for token_id, position in zip(output.token_ids, output.logprobs or []):
+        chosen = position[token_id]
+        yield _token_text(token_id, chosen), max(chosen.logprob, _FLOOR), _ranked(position, top)
+
+
 def chat_logprobs(output: Any, top: int) -> dict:
     """A chat choice's ``logprobs`` as the OpenAI API (and ``vllm serve``) give it: per
     generated token its text, logprob and UTF-8 bytes, and the ``top`` most likely."""
-    content = []
-    for token_id, position in zip(output.token_ids, output.logprobs or []):
-        chosen = position[token_id]
-        text = _token_text(token_id, chosen)
-        content.append({
-            "token": text, "logprob": max(chosen.logprob, _FLOOR), "bytes": list(text.encode("utf-8")),
-            "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in _ranked(position, top)],
-        })  # fmt: skip
+    content = [
+        {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8")),
+         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))} for t, lp in ranked]}
+        for text, logprob, ranked in _generated_logprobs(output, top)
+    ]  # fmt: skip
     return {"content": content}
 
 
@@ -574,14 +578,12 @@ def completion_logprobs(output: Any, top: int, offset: int = 0) -> dict:
     logprobs, the ``top`` most likely per position (token text -> logprob) and each token's
     character offset in the returned text (``offset``: where the completion starts)."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
-    for token_id, position in zip(output.token_ids, output.logprobs or []):
-        chosen = position[token_id]
-        text = _token_text(token_id, chosen)
+    for text, logprob, ranked in _generated_logprobs(output, top):
         offsets.append(offset)
         offset += len(text)
         tokens.append(text)
-        token_logprobs.append(max(chosen.logprob, _FLOOR))
-        tops.append(dict(_ranked(position, top)))
+        token_logprobs.append(logprob)
+        tops.append(dict(ranked))
     return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": tops}
 
 

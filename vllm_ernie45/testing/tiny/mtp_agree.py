@@ -62,25 +62,32 @@ def make_agree(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
     return changed
 
 
-def make_loaded_models_agree(worker) -> dict[str, int]:
-    """``LLM.collective_rpc`` target: the construction on the loaded target and draft of one
-    vLLM worker. The V1 runner keeps the draft at ``model_runner.drafter.model``, the V2 runner
-    (``VLLM_USE_V2_MODEL_RUNNER=1``; the only one in vLLM 0.34) at
-    ``model_runner.speculator.model``; with speculative decoding configured and no draft found
-    there, it raises rather than leave a random draft that reads as an acceptance of 0."""
+def draft_model(worker):
+    """The loaded MTP draft of one vLLM worker, or None without speculative decoding. The V1
+    runner keeps it at ``model_runner.drafter.model``, the V2 runner (``VLLM_USE_V2_MODEL_RUNNER=1``;
+    the only one in vLLM 0.34) at ``model_runner.speculator.model``; with speculative decoding
+    configured and no draft found there it raises, rather than leave a random draft that reads
+    as an acceptance of 0."""
     runner = worker.model_runner
-    counts = {"target": make_agree(runner.model.named_parameters())}
     for attribute in ("drafter", "speculator"):
         draft = getattr(getattr(runner, attribute, None), "model", None)
         if draft is not None:
-            counts["draft"] = make_agree(draft.named_parameters())
-            break
-    else:
-        if getattr(worker.vllm_config, "speculative_config", None) is not None:
-            raise RuntimeError(
-                f"{type(runner).__name__} has speculative decoding configured, but no draft model "
-                "at .drafter.model or .speculator.model"
-            )
+            return draft
+    if getattr(worker.vllm_config, "speculative_config", None) is not None:
+        raise RuntimeError(
+            f"{type(runner).__name__} has speculative decoding configured, but no draft model "
+            "at .drafter.model or .speculator.model"
+        )
+    return None
+
+
+def make_loaded_models_agree(worker) -> dict[str, int]:
+    """``LLM.collective_rpc`` target: the construction on the loaded target and draft of one
+    vLLM worker (the draft found by :func:`draft_model`)."""
+    counts = {"target": make_agree(worker.model_runner.model.named_parameters())}
+    draft = draft_model(worker)
+    if draft is not None:
+        counts["draft"] = make_agree(draft.named_parameters())
     return counts
 
 
@@ -236,13 +243,11 @@ def make_loaded_models_cycle(
     counts = {"target": make_cycle(target.items(), sigma, tau, role="target", head=head)}
     if head:
         _check_head_in_use(runner.model, target["lm_head.weight"], embedding)
-    for attribute in ("drafter", "speculator"):
-        draft = getattr(getattr(runner, attribute, None), "model", None)
-        if draft is not None:
-            params = dict(draft.named_parameters(remove_duplicate=False))
-            # vLLM shares the target's embedding and head into the draft after loading it.
-            params.setdefault("model.embed_tokens.weight", embedding)
-            params.setdefault("lm_head.weight", target["lm_head.weight"])
-            counts["draft"] = make_cycle(params.items(), sigma, tau, role="draft", head=head)
-            break
+    draft = draft_model(worker)
+    if draft is not None:
+        params = dict(draft.named_parameters(remove_duplicate=False))
+        # vLLM shares the target's embedding and head into the draft after loading it.
+        params.setdefault("model.embed_tokens.weight", embedding)
+        params.setdefault("lm_head.weight", target["lm_head.weight"])
+        counts["draft"] = make_cycle(params.items(), sigma, tau, role="draft", head=head)
     return counts
