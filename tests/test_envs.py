@@ -43,3 +43,15 @@ def test_router_on_cpu(monkeypatch):
     monkeypatch.setenv("VLLM_ERNIE45_ROUTER", "triton")
     with pytest.raises(ValueError, match="CUDA"):
         envs.router_backend(False)
+
+
+def test_shared_beside_above(monkeypatch):
+    monkeypatch.delenv("VLLM_ERNIE45_SHARED_BESIDE_ABOVE", raising=False)
+    assert envs.shared_beside_above() is None  # off until measured (docs/performance.md)
+    for value, expected in (("OFF", None), ("", None), ("512", 512), (" 0 ", 0)):
+        monkeypatch.setenv("VLLM_ERNIE45_SHARED_BESIDE_ABOVE", value)
+        assert envs.shared_beside_above() == expected
+    for bad in ("-1", "1e3", "auto"):
+        monkeypatch.setenv("VLLM_ERNIE45_SHARED_BESIDE_ABOVE", bad)
+        with pytest.raises(ValueError, match="VLLM_ERNIE45_SHARED_BESIDE_ABOVE"):
+            envs.shared_beside_above()
