@@ -188,3 +188,21 @@ def test_fusion_policy(monkeypatch):
     assert fused_shared_layout(arch_from_config(_moe_config(0).to_dict()), 1, False, True) is None
     biased = arch_from_config(_moe_config(2, use_bias=True).to_dict())
     assert fused_shared_layout(biased, 1, False, True) is None
+
+
+def test_shared_fusion_refused_for_prequantized_checkpoints_and_lora():
+    """Whatever VLLM_ERNIE45_FUSE_SHARED_EXPERTS says, shared experts stay their own MLP for a
+    pre-quantized checkpoint and under LoRA (vLLM's LoRA wraps them as their own layers and
+    packs expert adapters per routed expert: fused, a shared-expert adapter would be dropped
+    silently -- issue 34)."""
+    from types import SimpleNamespace
+
+    from vllm_ernie45.layers import shared_fusion_refused
+
+    def engine(quantization_config=None, lora_config=None):
+        hf_config = SimpleNamespace(quantization_config=quantization_config)
+        return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config), lora_config=lora_config)
+
+    assert shared_fusion_refused(engine()) is None
+    assert "pre-quantized" in shared_fusion_refused(engine(quantization_config={"quant_method": "gptq"}))
+    assert "LoRA" in shared_fusion_refused(engine(lora_config=SimpleNamespace(max_lora_rank=8)))

@@ -185,13 +185,11 @@ class ErnieMoE(nn.Module):
         is_cuda = current_platform.is_cuda()
         expert_parallel = bool(getattr(parallel_config, "enable_expert_parallel", False))
         ep_size = get_ep_group().world_size if expert_parallel else 1
-        # A pre-quantized checkpoint: shared experts run beside the fused call, quantized as
-        # the checkpoint stores them (fusing them would slice packed weights and scales).
-        prequantized = checkpoint_is_quantized(getattr(vllm_config.model_config, "hf_config", None))
         fuse = envs.fuse_shared_experts(is_cuda, ep_size > 1)
-        if fuse and prequantized and arch.num_shared_experts:
-            logger.info_once("Shared experts run beside the fused-MoE call: the checkpoint is pre-quantized.")
-        self.fused_layout = fused_shared_layout(arch, ep_size, enable_eplb, fuse and not prequantized)
+        refused = shared_fusion_refused(vllm_config)
+        if fuse and refused and arch.num_shared_experts:
+            logger.info_once("Shared experts run beside the fused-MoE call: %s.", refused)
+        self.fused_layout = fused_shared_layout(arch, ep_size, enable_eplb, fuse and refused is None)
         num_fused = arch.num_shared_experts if self.fused_shared else 0
 
         self.n_routed_experts = arch.num_experts
@@ -300,6 +298,24 @@ class ErnieMoE(nn.Module):
             return out.view(shape)
         out = self.experts(hidden_states=hidden_states, router_logits=router_logits)
         return out.view(shape)
+
+
+def shared_fusion_refused(vllm_config: Any) -> str | None:
+    """Why this engine's shared experts must run as their own MLP whatever
+    ``VLLM_ERNIE45_FUSE_SHARED_EXPERTS`` says (None: they may be fused):
+
+    * a pre-quantized checkpoint: they run quantized as it stores them (fusing them would
+      slice packed weights and scales);
+    * LoRA: vLLM wraps shared experts as linear layers of their own (``mlp.shared_experts``)
+      and packs expert adapters for one slot per routed expert (vLLM 0.26
+      ``lora/lora_weights.py:177-189``); fused, a shared-expert adapter would be dropped without
+      an error and an expert adapter would fail on the shared slots (issue 34,
+      ``scripts/gpu/lora_check.py``) -- in-tree's layout serves both."""
+    if checkpoint_is_quantized(getattr(vllm_config.model_config, "hf_config", None)):
+        return "the checkpoint is pre-quantized"
+    if getattr(vllm_config, "lora_config", None) is not None:
+        return "LoRA is enabled (vLLM's LoRA layers wrap shared experts on their own)"
+    return None
 
 
 def fused_shared_layout(

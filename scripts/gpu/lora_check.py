@@ -69,8 +69,8 @@ same bf16 weights, 4 prompts x 16 tokens, scale 0.5): gap <= 0.25, chosen-token 
 D -> base): gap 11.0 / 8.0 / 5.7, chosen-token difference 10.1 / 7.4 / 4.9. At scale 0.2 the
 dropped expert part (C -> C-) was 0.67 nats only, hence 0.5.
 
-Engines (``--engines``): ``plugin`` (GPU defaults: shared experts fused into the fused-MoE call
-as pseudo-experts), ``plugin-unfused`` (``VLLM_ERNIE45_FUSE_SHARED_EXPERTS=0``: the shared
+Engines (``--engines``): ``plugin`` (GPU defaults; under LoRA the shared experts are never
+fused, ``layers.shared_fusion_refused``), ``plugin-unfused`` (``VLLM_ERNIE45_FUSE_SHARED_EXPERTS=0``: the shared
 experts as their own MLP, ``mlp.shared_experts``, as in-tree), ``intree`` (``VLLM_PLUGINS=``:
 vLLM's own ``Ernie4_5_MoeForCausalLM``); optional ``plugin-compiled`` (CUDA graphs).
 
@@ -138,29 +138,21 @@ What the plugin (layers.py / model.py as of this script) can therefore serve on 
 * Attention and dense-FFN adapters (A, B, several in one batch): yes, as in-tree -- same module
   names (``qkv_proj``, ``o_proj``, ``gate_up_proj``, ``down_proj``) and
   ``packed_modules_mapping``; every MoE layer is wrapped by ``FusedMoEWithLoRA`` with zero LoRA.
-* Shared-expert adapters (D; also the shared part of C): only with
-  ``VLLM_ERNIE45_FUSE_SHARED_EXPERTS=0``. On CUDA the plugin fuses the shared experts into the
-  fused-MoE call by default (``layers.ErnieMoE``: ``fused_layout``, no ``mlp.shared_experts``
-  module), so vLLM finds no module for ``mlp.shared_experts.*`` and **silently drops** that
-  LoRA: wrong tokens, no error (expected: ``shared`` fails on ``plugin``, passes on
-  ``plugin-unfused``).
-* Routed-expert adapters (C2d; C with the mixed-format flag): only unfused. Fused, the layer has
-  ``E + S`` expert slots (``E`` routed + ``S`` shared slices): ``pack_moe`` finds no LoRA for the
-  ``S`` shared slots and asserts (C2d), and the 3D conversion reshapes ``r*E`` rows into
-  ``E + S`` experts (C 3D): an error here (r*E = 64 rows, 10 slots) -- and mixed-up expert
-  factors wherever ``r*E`` happens to divide by ``E + S``.
+* Shared-expert and routed-expert adapters (D; C2d; C with the mixed-format flag): since
+  ``layers.shared_fusion_refused`` (this session), an engine with LoRA never fuses the shared
+  experts, whatever ``VLLM_ERNIE45_FUSE_SHARED_EXPERTS`` says: ``mlp.shared_experts`` is its
+  own ``ErnieMLP`` passed to the fused-MoE layer as ``shared_experts=``, ``E`` expert slots --
+  in-tree's layout, so ``plugin`` and ``plugin-unfused`` build the same model under LoRA.
+  Before it, fused on CUDA (no ``mlp.shared_experts`` module, ``E + S`` slots), vLLM **silently
+  dropped** a shared-expert LoRA (wrong tokens, no error), ``pack_moe`` asserted on the ``S``
+  shared slots of a per-expert adapter (C2d), and the 3D conversion reshaped ``r*E`` rows
+  into ``E + S`` experts (C 3D). Expected now: every check passes on both plugin engines.
 * Tuned tables: the plugin points ``VLLM_TUNED_CONFIG_FOLDER`` at its fused-MoE tables, which
   vLLM's LoRA ops read too (``lora/ops/triton_ops/utils.py:164-193``; ``fused_moe.py:155``
   ``use_tuned_config``): no LoRA tables there, so vLLM logs "No LoRA kernel configs found" and
   uses its default tile configs (in-tree: ``try_get_optimal_moe_lora_config``) -- same math,
   other tiles.
 
-The change that makes the plugin serve expert adapters as in-tree does (for whoever edits
-``layers.py``): with ``vllm_config.lora_config`` set, ``ErnieMoE`` does not fuse the shared
-experts (``fused_shared_layout(..., wanted=False)`` -> ``self.shared_experts = ErnieMLP(...,
-prefix=f"{prefix}.shared_experts")`` passed as ``shared_experts=`` to the fused-MoE layer, E
-expert slots), logging why; ``SHARED_BESIDE`` then stays off by itself. Nothing else: module names,
-``packed_modules_mapping`` and the 2D expert mapping are already in-tree's.
 """
 
 from __future__ import annotations
@@ -313,8 +305,8 @@ class Run:
 
 def fused_note(run: Run, engine: str) -> str:
     if run.report["engines"].get(engine, {}).get("fused_shared"):
-        return ("expected while the plugin fuses the shared experts under LoRA (no mlp.shared_experts module, "
-                "E+S expert slots): see this script's docstring")
+        return ("the plugin fused its shared experts under LoRA, which layers.shared_fusion_refused forbids "
+                "(no mlp.shared_experts module, E+S expert slots): a bug -- see this script's docstring")
     return ""
 
 
