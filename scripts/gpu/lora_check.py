@@ -539,22 +539,22 @@ def main(argv: list[str] | None = None) -> int:
                     else:  # bf16: another batch may flip a near tie; recorded, judged against HF above
                         run.report.setdefault("info", {})[f"{engine} mixed A = A alone"] = same
         note = fused_note(run, engine)  # from the engine's first run
+
+        def served_as_hf(name: str, tag: str, lora: Path, reference: Path, **kw) -> None:
+            got = run.vllm(f"{engine}.{tag}", model, engine, lora=lora, **kw)
+            if not vllm_failed(run, f"{engine} {name}", got, note):
+                against_hf(run, f"{engine} {name}", model, got, reference, note=note)
+
         if "experts" in checks:
-            got = run.vllm(f"{engine}.C2d", model, engine, lora=ad["C2d"])
-            if not vllm_failed(run, f"{engine} experts C2d", got, note):
-                against_hf(run, f"{engine} experts C2d", model, got, ad["C"], note=note)
+            served_as_hf("experts C2d", "C2d", ad["C2d"], ad["C"])
         if "experts-3d" in checks:
             got = run.vllm(f"{engine}.C3d-default", model, engine, lora=ad["C"])
             refused_or_right(run, f"{engine} experts C 3D, default: refused or right", model, got, ad["C"],
                              "served a 3D adapter without enable_mixed_moe_lora_format, and not as HF")
-            got = run.vllm(f"{engine}.C3d-mixed", model, engine, lora=ad["C"], lora_3d=True,
-                           vllm_args={"enable_mixed_moe_lora_format": True})
-            if not vllm_failed(run, f"{engine} experts C 3D mixed-format", got, note):
-                against_hf(run, f"{engine} experts C 3D mixed-format", model, got, ad["C"], note=note)
+            served_as_hf("experts C 3D mixed-format", "C3d-mixed", ad["C"], ad["C"], lora_3d=True,
+                         vllm_args={"enable_mixed_moe_lora_format": True})
         if "shared" in checks:
-            got = run.vllm(f"{engine}.D", model, engine, lora=ad["D"])
-            if not vllm_failed(run, f"{engine} shared D", got, note):
-                against_hf(run, f"{engine} shared D", model, got, ad["D"], note=note)
+            served_as_hf("shared D", "D", ad["D"], ad["D"])
         if "wrong-shape" in checks:
             got = run.vllm(f"{engine}.W", model, engine, lora=ad["W"])
             name = f"{engine} wrong-shape adapter refused"
