@@ -291,12 +291,12 @@ class ErnieMoE(nn.Module):
         hidden_states = hidden_states.view(-1, shape[-1])
         router_logits, _ = self.gate(hidden_states.float())
         beside = self.shared_beside
-        if beside is not None and beside.above is not None:  # fixed once the weights are loaded
-            shared = beside.shared_output(hidden_states)
-            out = self.experts(hidden_states=hidden_states, router_logits=router_logits)
-            beside.add_to(out, shared)
-            return out.view(shape)
+        if beside is not None and beside.above is None:  # fixed once the weights are loaded
+            beside = None
+        shared = beside.shared_output(hidden_states) if beside is not None else None
         out = self.experts(hidden_states=hidden_states, router_logits=router_logits)
+        if beside is not None:
+            beside.add_to(out, shared)
         return out.view(shape)
 
 
