@@ -79,11 +79,16 @@ def _shared_beside_fact(beside: Any) -> tuple:
     return beside.above, "copy" if beside.w13_copy.numel() else "fused weights"
 
 
+def _layer_experts(layers: Any) -> list[Any]:
+    """Each MoE layer's fused-MoE module (``mlp.experts``), dense layers left out."""
+    experts = [getattr(getattr(layer, "mlp", None), "experts", None) for layer in layers]
+    return [e for e in experts if e is not None]
+
+
 def _expert_method_names(layers: Any) -> set[str]:
     names = set()
-    for layer in layers:
-        experts = getattr(getattr(layer, "mlp", None), "experts", None)
-        for module in experts.modules() if experts is not None else ():
+    for experts in _layer_experts(layers):
+        for module in experts.modules():
             method = getattr(module, "quant_method", None)
             if hasattr(method, "get_fused_moe_quant_config"):  # a fused-MoE method, not a linear one
                 names.add(type(method).__name__)
@@ -93,8 +98,7 @@ def _expert_method_names(layers: Any) -> set[str]:
 def _moe_layer_step_found(layers: Any) -> bool | None:
     from vllm_ernie45.moe_warmup import layer_step
 
-    experts = [getattr(getattr(l, "mlp", None), "experts", None) for l in layers]
-    experts = [e for e in experts if e is not None]
+    experts = _layer_experts(layers)
     return all(layer_step(e) is not None for e in experts) if experts else None
 
 
