@@ -389,6 +389,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jit-keys", action="store_true",
                         help="record every Triton compile of each implementation's processes with its full "
                              "specialisation key into OUT.IMPL.jit.jsonl (scripts/gpu/jit_keys_site)")
+    parser.add_argument("--warm-caches", action="store_true",
+                        help="keep each implementation's compile caches from earlier calls on this machine "
+                             "(default: emptied at its first run in this call, so every call starts cold; "
+                             "2026-12-07 a second call's in-tree found the first call's and started in 56 s, not 95)")
     args = parse_bench_args(parser, argv)
     if args.child:
         return child(args)
@@ -396,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quant_scheme:
         args.config = str(write_quantized_config(args.config, args.quant_scheme, out.with_name(f"{out.stem}.config.json")))
     results: dict[str, dict] = {}
+    emptied: set[str] = set()  # cache folders emptied in this call
     for impl in args.impls.split(","):
         part = out.with_name(f"{out.stem}.{impl}.json")
         cmd = child_command(__file__, impl, args, part)
@@ -407,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.jit_monitor_verbose:
             cmd.append("--no-jit-monitor-verbose")
         env = impl_env(impl.split("@")[0])
+        if not args.warm_caches and env["VLLM_CACHE_ROOT"] not in emptied:
+            shutil.rmtree(env["VLLM_CACHE_ROOT"], ignore_errors=True)
+            emptied.add(env["VLLM_CACHE_ROOT"])
         if args.jit_keys:
             env.update(jit_keys_env(out.with_name(f"{out.stem}.{impl}.jit.jsonl")))
         run_child_counting_jit(impl, cmd, env, part, results)
