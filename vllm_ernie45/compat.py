@@ -155,6 +155,19 @@ def fused_moe_weights_owner(experts: Any) -> Any:
     return None
 
 
+def fused_moe_quant_methods(experts: Any) -> list:
+    """The quant methods of vLLM's fused-MoE layer, nearest first: the layer's own
+    (``_quant_method`` from 0.27, ``quant_method`` on 0.26's ``FusedMoE``), then its
+    ``routed_experts``' (0.27 on). One walk for every reader of the layer's method."""
+    found = []
+    for owner in (experts, getattr(experts, "routed_experts", None)):
+        for attribute in ("_quant_method", "quant_method"):
+            method = getattr(owner, attribute, None)
+            if method is not None and method not in found:
+                found.append(method)
+    return found
+
+
 def fused_moe_call_is_opaque(experts: Any) -> bool:
     """Whether vLLM's fused-MoE layer runs its routing and kernels inside a custom op that
     torch.compile does not trace (``torch.ops.vllm.moe_forward[_shared]``: CUDA in every

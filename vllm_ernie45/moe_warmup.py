@@ -123,7 +123,8 @@ def layer_step(experts: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], Non
     experts); None where the layer has no such parts."""
     router = getattr(experts, "router", None)
     routed = getattr(experts, "routed_experts", None)
-    method = getattr(experts, "_quant_method", None) or getattr(routed, "quant_method", None)
+    methods = compat.fused_moe_quant_methods(experts)
+    method = methods[0] if methods else None
     if router is None or not hasattr(router, "select_experts") or not hasattr(routed, "forward_modular"):
         return None
 

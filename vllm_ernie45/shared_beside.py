@@ -99,12 +99,10 @@ compat.register_custom_op("ernie45_add_shared_beside", _add_shared_beside, ["out
 
 def _weights_stay_as_loaded(experts: nn.Module) -> bool:
     """Whether vLLM runs these experts on its Triton backend, which keeps the loaded layout."""
-    routed = getattr(experts, "routed_experts", None)
-    for owner in (experts, routed):
-        for attribute in ("_quant_method", "quant_method"):
-            backend = getattr(getattr(owner, attribute, None), "unquantized_backend", None)
-            if backend is not None:
-                return getattr(backend, "name", str(backend)).upper().endswith("TRITON")
+    for method in compat.fused_moe_quant_methods(experts):
+        backend = getattr(method, "unquantized_backend", None)
+        if backend is not None:
+            return getattr(backend, "name", str(backend)).upper().endswith("TRITON")
     return False
 
 
