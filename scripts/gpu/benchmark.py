@@ -173,6 +173,11 @@ def child(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     llm = LLM(**engine_args)
     startup = time.perf_counter() - t0
+    routing = {"routing": "dummy"}
+    if args.routing == "spread":  # after start-up: CUDA graphs read the changed values in place
+        from vllm_ernie45.testing.dummy_routing import spread_routing
+
+        routing = llm.apply_model(spread_routing)[0]
     facts = {}
     try:
         from vllm_ernie45.testing.parity import model_facts
@@ -181,7 +186,7 @@ def child(args: argparse.Namespace) -> int:
     except Exception as err:  # the in-tree run has no plugin loaded; facts are optional
         facts = {"note": f"apply_model failed: {err}"}
     result: dict = {"impl": args.child, "startup_s": round(startup, 1), "max_num_seqs": args.max_num_seqs,
-                    "repeats": args.repeats, **facts}
+                    "repeats": args.repeats, **routing, **facts}
     rng = random.Random(0)
 
     def timed(name: str, n: int, prompt_len: int, out_len: int, rep: int) -> dict:
@@ -380,6 +385,11 @@ def main(argv: list[str] | None = None) -> int:
                              "(vllm_ernie45/testing/tiny/quantize.py SCHEMES, e.g. w4a16-g32, fp8-dynamic; "
                              "router and head unquantized) with dummy weights: --config plus its "
                              "quantization_config, written next to --out")
+    parser.add_argument("--routing", choices=("dummy", "spread"), default="dummy",
+                        help="dummy: vLLM's dummy weights as they are, which send every token to the same "
+                             "top-k experts in every layer (the reference script's workload); spread: "
+                             "correction biases zeroed and router gates redrawn after start-up, so tokens "
+                             "spread over all experts as in real serving (vllm_ernie45/testing/dummy_routing.py)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--enable-expert-parallel", action="store_true")
     parser.add_argument("--max-num-seqs", type=int, default=MAX_NUM_SEQS,
@@ -406,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = child_command(__file__, impl, args, part)
         if args.quantization:
             cmd += ["--quantization", args.quantization]
-        cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size), "--max-num-seqs", str(args.max_num_seqs)]
+        cmd += ["--tensor-parallel-size", str(args.tensor_parallel_size), "--max-num-seqs", str(args.max_num_seqs),
+                "--routing", args.routing]
         if args.enable_expert_parallel:
             cmd.append("--enable-expert-parallel")
         if not args.jit_monitor_verbose:
@@ -419,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             env.update(jit_keys_env(out.with_name(f"{out.stem}.{impl}.jit.jsonl")))
         run_child_counting_jit(impl, cmd, env, part, results)
     base = "intree" if "intree" in results else next(iter(results), "intree")
-    report = {"config": args.config, "dtype": args.dtype, "quantization": args.quantization,
+    report = {"config": args.config, "dtype": args.dtype, "quantization": args.quantization, "routing": args.routing,
               "tensor_parallel_size": args.tensor_parallel_size,
               "enable_expert_parallel": args.enable_expert_parallel, "max_num_seqs": args.max_num_seqs,
               "repeats": args.repeats, "results": results, "table": table(results, args.scenarios, base)}

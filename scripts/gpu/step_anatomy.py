@@ -111,7 +111,12 @@ def child(args: argparse.Namespace) -> int:
                          "torch_profiler_with_stack": False, "torch_profiler_record_shapes": False,
                          "ignore_frontend": True},
     )
-    result: dict = {"impl": args.child, "startup_s": round(time.perf_counter() - t0, 1), "shapes": {}}
+    result: dict = {"impl": args.child, "startup_s": round(time.perf_counter() - t0, 1), "shapes": {},
+                    "routing": "dummy"}
+    if args.routing == "spread":
+        from vllm_ernie45.testing.dummy_routing import spread_routing
+
+        result.update(llm.apply_model(spread_routing)[0])
     rng = random.Random(0)
 
     def run(n: int, prompt_len: int, out_len: int) -> float:
@@ -156,7 +161,7 @@ def collect(args: argparse.Namespace) -> int:
         part = out / f"{impl}.json"
         cmd = [sys.executable, __file__, "collect", "--child", impl, "--config", args.config,
                "--out", str(part), "--shapes", args.shapes, "--repeats", str(args.repeats),
-               "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+               "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--routing", args.routing]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=impl_env(impl))
         print(f"[{impl}] finished rc={proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -195,7 +200,7 @@ def render(results: list[dict], top: int = 12) -> str:
         s0 = base["shapes"][shape]
         kinds = [by_kind(r["shapes"][shape]) for r in rows]
         names = sorted({k for d in kinds for k in d}, key=lambda k: -kinds[0].get(k, 0.0))
-        head = f"### {shape}: {s0['requests']} x {s0['in']}/{s0['out']}"
+        head = f"### {shape}: {s0['requests']} x {s0['in']}/{s0['out']}, routing {base.get('routing', 'dummy')}"
         lines += [head, "", "| ms | " + " | ".join(r["impl"] for r in rows) + " |",
                   "|---|" + "---|" * len(rows)]
         for k in names:
@@ -235,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--shapes", default=DEFAULT_SHAPES, help="NAME=REQUESTSxINxOUT, comma-separated (default %(default)s)")
     c.add_argument("--repeats", type=int, default=2, help="unprofiled timed runs per shape after the first")
     c.add_argument("--out", default="out/steps")
+    c.add_argument("--routing", choices=("dummy", "spread"), default="dummy",
+                   help="as benchmark.py's --routing (spread: tokens over all experts)")
     c.add_argument("--gpu-memory-utilization", type=float, default=0.88)
     c.add_argument("--child", help=argparse.SUPPRESS)
     r = sub.add_parser("report")
