@@ -420,6 +420,57 @@ def _register_lazy(manager: Any, eager_attr: str, name: str, module_path: str, c
     return undo
 
 
+# ----------------------------------------------------------------------------- in-tree models
+
+
+def in_tree_model_cls(arch: str, convert_type: str | None = "none") -> Any:
+    """vLLM's own class for the architecture ``arch``, as vLLM's model loader would hand it
+    out without this plugin: the entry of vLLM's built-in table
+    (``vllm.model_executor.models.registry._VLLM_MODELS``, ``arch -> (module, class)``;
+    :func:`register_model` replaces entries of ``ModelRegistry.models`` only, so the table
+    still names the in-tree class), converted as ``_get_model_architecture`` converts a
+    registered class for a pooling runner (``as_embedding_model`` for convert type
+    ``embed``, ``as_seq_cls_model`` for ``classify``). Same table, module layout and
+    converters in vLLM 0.26 and 0.32."""
+    from vllm.model_executor.models.registry import _VLLM_MODELS
+
+    entry = _VLLM_MODELS.get(arch)
+    if entry is None:
+        raise UnsupportedVllmVersion(
+            f"vLLM {installed_vllm_version()} has no in-tree class for {arch!r} to hand over to"
+        )
+    module_name, class_name = entry
+    if not module_name.startswith("vllm."):  # the registry's own rule (_resolve_module_name)
+        module_name = f"vllm.model_executor.models.{module_name}"
+    model_cls = getattr(importlib.import_module(module_name), class_name)
+    if convert_type in (None, "none"):
+        return model_cls
+    from vllm.model_executor.models.adapters import as_embedding_model, as_seq_cls_model
+
+    converters = {"embed": as_embedding_model, "classify": as_seq_cls_model}
+    if convert_type not in converters:
+        raise UnsupportedVllmVersion(
+            f"vLLM {installed_vllm_version()}: convert type {convert_type!r} has no adapter "
+            f"here to apply to the in-tree {class_name}"
+        )
+    return converters[convert_type](model_cls)
+
+
+def build_in_tree_model(arch: str, vllm_config: Any, prefix: str = "") -> Any:
+    """An instance of vLLM's in-tree class for ``arch`` (:func:`in_tree_model_cls`, converted
+    as ``vllm_config.model_config.convert_type`` says), built as vLLM's ``initialize_model``
+    builds a model class: its quantization config first gets the class's packed-module
+    mapping (``configure_quant_config``, which vLLM ran with the class it resolved -- the
+    plugin's), then ``cls(vllm_config=..., prefix=...)``. Called inside ``initialize_model``'s
+    ``set_current_vllm_config`` context."""
+    from vllm.model_executor.model_loader.utils import configure_quant_config
+
+    model_cls = in_tree_model_cls(arch, getattr(vllm_config.model_config, "convert_type", "none"))
+    if vllm_config.quant_config is not None:
+        configure_quant_config(vllm_config.quant_config, model_cls)
+    return model_cls(vllm_config=vllm_config, prefix=prefix)
+
+
 # ----------------------------------------------------------------------------- introspection
 
 

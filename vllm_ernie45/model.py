@@ -34,6 +34,7 @@ from vllm.sequence import IntermediateTensors
 from vllm_ernie45 import compat, envs
 from vllm_ernie45.config import arch_from_config, rope_parameters_for
 from vllm_ernie45.config_from_tensors import resolve_hf_config
+from vllm_ernie45.in_tree import InTreeWhereNeeded
 from vllm_ernie45.layers import ErnieDecoderLayer, ErnieMoE
 from vllm_ernie45.loader import load_checkpoint
 
@@ -164,7 +165,10 @@ class ErnieModel(nn.Module):
         return hidden_states
 
 
-class _ErnieCausalLM(nn.Module, SupportsPP, SupportsLoRA):
+class _ErnieCausalLM(InTreeWhereNeeded, nn.Module, SupportsPP, SupportsLoRA):
+    """Built as vLLM's in-tree class instead where the engine asks for what the plugin does
+    not serve (bitsandbytes: ``vllm_ernie45.in_tree``)."""
+
     packed_modules_mapping = {
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
@@ -220,11 +224,16 @@ class _ErnieCausalLM(nn.Module, SupportsPP, SupportsLoRA):
 
 class ErnieDenseForCausalLM(_ErnieCausalLM):
     """ERNIE-4.5-0.3B (``Ernie4_5ForCausalLM``; ``Ernie4_5_ForCausalLM`` in the snapshots
-    published before the hub renamed it): every layer a dense SwiGLU FFN."""
+    published before the hub renamed it): every layer a dense SwiGLU FFN. Where it steps aside,
+    vLLM's ``Ernie4_5ForCausalLM`` serves both names (vLLM has no class for the first one)."""
+
+    in_tree_architecture = "Ernie4_5ForCausalLM"
 
 
 class ErnieMoeForCausalLM(_ErnieCausalLM, MixtureOfExperts):
     """ERNIE 4.5 MoE (``Ernie4_5_MoeForCausalLM``), with vLLM's EPLB interface."""
+
+    in_tree_architecture = "Ernie4_5_MoeForCausalLM"
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)

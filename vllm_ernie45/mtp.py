@@ -48,6 +48,7 @@ from vllm.model_executor.models.utils import maybe_prefix
 
 from vllm_ernie45.config import ErnieArch, arch_from_config, rope_parameters_for
 from vllm_ernie45.config_from_tensors import resolve_hf_config
+from vllm_ernie45.in_tree import InTreeWhereNeeded
 from vllm_ernie45.layers import ErnieDecoderLayer
 from vllm_ernie45.loader import load_mtp_checkpoint
 
@@ -130,8 +131,11 @@ class ErnieMTPBlock(nn.Module):
         return out + residual  # the block's output before any norm: fed back for k > 1
 
 
-class ErnieMTPDraft(nn.Module):
-    """vLLM's draft model for ERNIE 4.5 MTP (``ErnieMTPModel``)."""
+class ErnieMTPDraft(InTreeWhereNeeded, nn.Module):
+    """vLLM's draft model for ERNIE 4.5 MTP (``ErnieMTPModel``); vLLM's in-tree ``ErnieMTP``
+    where the engine's target steps aside (bitsandbytes: ``vllm_ernie45.in_tree``)."""
+
+    in_tree_architecture = MTP_ARCHITECTURE
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__()
