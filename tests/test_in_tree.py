@@ -117,7 +117,7 @@ def recorded(monkeypatch):
 
     monkeypatch.setattr(_Recorder, "built", [])
     monkeypatch.setattr(compat, "in_tree_model_cls", lookup)
-    monkeypatch.setattr(vllm_ernie45, "_logger", lambda: Logger())
+    monkeypatch.setattr(in_tree, "_logger", lambda: Logger())
     monkeypatch.setattr(in_tree, "_warned", set())
     return SimpleNamespace(warnings=warnings, looked_up=looked_up)
 

@@ -81,21 +81,24 @@ def in_tree_reason(vllm_config: Any) -> str | None:
     return None
 
 
+def _logger():
+    from vllm.logger import init_logger
+
+    return init_logger("vllm.ernie45")  # the plugin's logger, a child of vLLM's
+
+
 def warn_once(reason: str) -> None:
     """The one warning per process (the target and its draft give the same reason)."""
     if reason in _warned:
         return
     _warned.add(reason)
-    from vllm_ernie45 import __version__, _logger
-
     _logger().warning(
-        "vllm-ernie45 %s steps aside for this engine (%s): bitsandbytes is served by vLLM's "
+        "vllm-ernie45 steps aside for this engine (%s): bitsandbytes is served by vLLM's "
         "in-tree ERNIE 4.5 classes, the model and any MTP draft (the plugin's loader and its "
         "fused shared-expert layout are not verified with vLLM's bitsandbytes loader). To "
         "silence this, serve a format the plugin runs (FP8, GPTQ, AWQ, compressed-tensors: "
         "docs/quantization.md), or leave the plugin out of this run: VLLM_PLUGINS= (or the "
         "plugins you use, without 'ernie45').",
-        __version__,
         reason,
     )
 
