@@ -28,6 +28,22 @@ os.environ.setdefault("VLLM_ERNIE45_STRICT", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
+def load_gpu_script(name: str):
+    """``scripts/gpu/NAME.py`` as a module (the GPU scripts import each other by file name, so
+    their folder is on ``sys.path`` while it loads)."""
+    import importlib.util
+
+    folder = str(REPO / "scripts" / "gpu")
+    sys.path.insert(0, folder)
+    try:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / "gpu" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """``tiny_checkpoint(variant)`` -> path of a tiny random checkpoint (cached per session)."""

@@ -4,12 +4,12 @@ counts it under, and the kinds adding up to the step."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from conftest import load_gpu_script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "anatomy"
@@ -19,14 +19,7 @@ LAYERS, MOE_LAYERS = 28, 27
 
 @pytest.fixture(scope="module")
 def anatomy():
-    sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
-    try:
-        spec = importlib.util.spec_from_file_location("decode_anatomy", ROOT / "scripts" / "gpu" / "decode_anatomy.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "scripts" / "gpu"))
-    return module
+    return load_gpu_script("decode_anatomy")
 
 
 def _step(anatomy, name):

@@ -4,25 +4,14 @@ and the side-by-side report naming the kernel whose time differs."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_gpu_script
 
 
 @pytest.fixture(scope="module")
 def steps():
-    sys.path.insert(0, str(ROOT / "scripts" / "gpu"))
-    try:
-        spec = importlib.util.spec_from_file_location("step_anatomy", ROOT / "scripts" / "gpu" / "step_anatomy.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "scripts" / "gpu"))
-    return module
+    return load_gpu_script("step_anatomy")
 
 
 def _kernel(name, ts, dur):

@@ -128,6 +128,13 @@ def top_kernels(events: list[dict], n: int = 80) -> list[list]:
     return [[name, c, round(t, 1)] for name, (c, t) in ranked]
 
 
+def kernel_profiler_config(trace_dir: Path) -> dict:
+    """vLLM's torch profiler for kernel records only (no stacks, shapes or frontend), traces
+    written to ``trace_dir`` when the profile stops."""
+    return {"profiler": "torch", "torch_profiler_dir": str(trace_dir), "torch_profiler_with_stack": False,
+            "torch_profiler_record_shapes": False, "ignore_frontend": True}
+
+
 def child(args: argparse.Namespace) -> int:
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     from vllm import LLM, SamplingParams
@@ -141,9 +148,7 @@ def child(args: argparse.Namespace) -> int:
         model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
         max_model_len=4096, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
         enable_prefix_caching=False,
-        profiler_config={"profiler": "torch", "torch_profiler_dir": str(trace_dir),
-                         "torch_profiler_with_stack": False, "torch_profiler_record_shapes": False,
-                         "ignore_frontend": True},
+        profiler_config=kernel_profiler_config(trace_dir),
     )
     if quant:
         engine_args["quantization"] = quant

@@ -22,7 +22,6 @@ most between the implementations.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import random
@@ -35,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark import MAX_NUM_SEQS, _reference_prompts, impl_env  # noqa: E402
-from decode_anatomy import _load_trace, classify  # noqa: E402
+from decode_anatomy import _load_trace, _read_json, classify, kernel_profiler_config  # noqa: E402
 
 from vllm_ernie45.child_run import ChildFailed, close_llm, judge_child, write_result  # noqa: E402
 
@@ -107,9 +106,7 @@ def child(args: argparse.Namespace) -> int:
         model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
         max_model_len=4096, gpu_memory_utilization=args.gpu_memory_utilization, seed=0,
         max_num_seqs=MAX_NUM_SEQS,
-        profiler_config={"profiler": "torch", "torch_profiler_dir": str(trace_dir),
-                         "torch_profiler_with_stack": False, "torch_profiler_record_shapes": False,
-                         "ignore_frontend": True},
+        profiler_config=kernel_profiler_config(trace_dir),
     )
     result: dict = {"impl": args.child, "startup_s": round(time.perf_counter() - t0, 1), "shapes": {},
                     "routing": "dummy"}
@@ -222,12 +219,7 @@ def render(results: list[dict], top: int = 12) -> str:
 
 
 def report(args: argparse.Namespace) -> int:
-    results = []
-    for path in map(Path, args.results):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt") as fh:
-            results.append(json.load(fh))
-    print(render(results, args.top))
+    print(render([_read_json(Path(path)) for path in args.results], args.top))
     return 0
 
 
