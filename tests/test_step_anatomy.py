@@ -24,13 +24,22 @@ def test_groups_split_at_pauses_and_busy_is_the_union(steps):
         _kernel("nvjet_tst_128x256", 50.0, 100.0),   # overlaps the first: busy 150, not 200
         {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 10.0, "dur": 5.0},
         _kernel("rms_norm_kernel", 400.0, 10.0),
-        _kernel("fused_moe_kernel", 3_000_000.0, 80.0),  # after a 3 s pause: the second shape
+        _kernel("stray_kernel", 1_600_000.0, 1.0),       # inside the first 3 s pause
+        _kernel("fused_moe_kernel", 3_000_000.0, 80.0),  # the second shape
+        _kernel("fused_moe_kernel", 6_000_000.0, 70.0),  # after the second pause: the third
     ]
-    groups = steps.kernel_groups(events, gap_us=1.5e6)
-    assert [len(g) for g in groups] == [3, 1]
+    groups = steps.shape_groups(events, 3, min_gap_us=0.75e6)
+    assert [[k[0] for k in g] for g in groups] == [
+        ["fused_moe_kernel", "nvjet_tst_128x256", "rms_norm_kernel"],
+        ["stray_kernel", "fused_moe_kernel"],  # the cut lands in the pause; the stray joins a side
+        ["fused_moe_kernel"],
+    ]
     facts = steps.group_facts(groups[0])
     assert facts["busy_us"] == 160.0 and facts["span_us"] == 410.0 and facts["kernel_count"] == 3
     assert facts["kernels"][0] == ["fused_moe_kernel", 1, 100.0]
+    # One pause too few: no split is invented.
+    assert steps.shape_groups(events[:4], 2, min_gap_us=0.75e6) is None
+    assert len(steps.shape_groups(events[:4], 1, min_gap_us=0.75e6)[0]) == 3
 
 
 def test_report_compares_kinds_and_names_the_difference(steps):
