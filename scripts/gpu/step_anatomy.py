@@ -22,21 +22,19 @@ most between the implementations.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark import MAX_NUM_SEQS, _reference_prompts, impl_env  # noqa: E402
+from benchmark import MAX_NUM_SEQS, _reference_prompts, impl_env, run_child  # noqa: E402
 from decode_anatomy import _load_trace, _read_json, classify, kernel_profiler_config  # noqa: E402
 
-from vllm_ernie45.child_run import ChildFailed, close_llm, judge_child, write_result  # noqa: E402
+from vllm_ernie45.child_run import close_llm, write_result  # noqa: E402
 
 DEFAULT_SHAPES = "prefill=200x2048x32,decode256=256x512x64"
 PAUSE_S = 3.0
@@ -162,24 +160,17 @@ def collect(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parse_shapes(args.shapes)
-    ok = True
-    for impl in args.impls.split(","):
+    impls = args.impls.split(",")
+    results: dict[str, dict] = {}
+    for impl in impls:
         part = out / f"{impl}.json"
         cmd = [sys.executable, __file__, "collect", "--child", impl, "--config", args.config,
                "--out", str(part), "--shapes", args.shapes, "--repeats", str(args.repeats),
                "--gpu-memory-utilization", str(args.gpu_memory_utilization), "--routing", args.routing]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=impl_env(impl))
-        print(f"[{impl}] finished rc={proc.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
-        try:
-            judge_child(proc.returncode, part)
-        except ChildFailed as err:
-            print(f"[{impl}] FAILED: {err}", flush=True)
-            ok = False
-    parts = [p for p in sorted(out.glob("*.json"))]
-    if parts:
-        print(render([json.loads(p.read_text()) for p in parts]), flush=True)
-    return 0 if ok else 1
+        run_child(impl, cmd, impl_env(impl), part, results)
+    if results:  # in --impls order: the first is what the others are compared with
+        print(render(list(results.values())), flush=True)
+    return 0 if len(results) == len(impls) else 1
 
 
 # --------------------------------------------------------------------------------------

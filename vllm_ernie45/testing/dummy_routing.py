@@ -27,6 +27,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from vllm_ernie45.config import DEFAULT_MOE_NORM_MIN
+from vllm_ernie45.routing import ernie_select_experts
+
 # The MoE block of each implementation: the plugin's, vLLM's in-tree one.
 MOE_BLOCKS = ("ErnieMoE", "Ernie4_5_MoeMoE")
 
@@ -34,8 +39,6 @@ MOE_BLOCKS = ("ErnieMoE", "Ernie4_5_MoeMoE")
 def spread_routing(model: Any, seed: int = 0) -> dict[str, Any]:
     """Zero every ``e_score_correction_bias`` and redraw every router gate weight
     (``*.mlp.gate.weight``) from N(0, 1); returns how many of each were changed."""
-    import torch
-
     generator = torch.Generator(device="cpu").manual_seed(seed)
     biases = gates = 0
     with torch.no_grad():
@@ -60,33 +63,30 @@ def _bias_of(block: Any):
 
 
 class RoutingRecorder:
-    """Top-k choices of every MoE block, as ERNIE's router makes them (softmax of the gate's fp32
-    logits plus the correction bias), from the block's own gate output."""
+    """Top-k choices of every MoE block, as ERNIE's router makes them
+    (``vllm_ernie45.routing.ernie_select_experts`` on the block's own gate output)."""
 
     def __init__(self, model: Any, top_k: int) -> None:
-        import torch
-
         self.top_k = top_k
         self.layers: dict[str, dict] = {}
         for name, module in model.named_modules():
             if type(module).__name__ in MOE_BLOCKS:
                 module.register_forward_pre_hook(self._hook(name), with_kwargs=True)
-        self._torch = torch
 
     def _hook(self, name: str):
         def hook(block, args, kwargs):
-            torch = self._torch
             hidden = args[0] if args else kwargs["hidden_states"]
             hidden = hidden.reshape(-1, hidden.shape[-1])
             with torch.no_grad():
                 logits = block.gate(hidden.float())
                 logits = logits[0] if isinstance(logits, tuple) else logits
-                probs = torch.softmax(logits.float(), dim=-1)
-                ids = torch.topk(probs + _bias_of(block).float(), self.top_k, dim=-1).indices.cpu()
+                # The selection only (its weights' floor does not change which experts).
+                _, ids = ernie_select_experts(logits, _bias_of(block), self.top_k, DEFAULT_MOE_NORM_MIN)
+            ids = ids.long().cpu()
             entry = self.layers.setdefault(name, {"tokens": 0, "sets": set(), "load": None})
             entry["tokens"] += ids.shape[0]
             entry["sets"].update(tuple(sorted(row)) for row in ids.tolist())
-            load = torch.bincount(ids.flatten(), minlength=probs.shape[-1]).float()
+            load = torch.bincount(ids.flatten(), minlength=logits.shape[-1]).float()
             entry["load"] = load if entry["load"] is None else entry["load"] + load
 
         return hook
